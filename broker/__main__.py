@@ -1,0 +1,7 @@
+"""`python -m broker`: run the broker (see `broker --help`)."""
+
+import sys
+
+from broker.server import main
+
+sys.exit(main())

@@ -1,0 +1,639 @@
+"""The scenarios: idle, fanout, latency (with a sweep), ceiling. Each returns a Report.
+
+Method (the same as the peers harness `wsload`, so figures line up with its RESULTS.md):
+  * the server runs on CPU 0 (taskset), the load (coordinator, publisher, workers) on CPU 1;
+  * RSS per connection = (VmRSS with N subscribed connections - VmRSS before any) / N;
+  * fanout is closed-loop: the publisher keeps at most `window` deliveries outstanding
+    (published x subscribers - delivered), otherwise it fills socket buffers and a 10 s run
+    becomes minutes of draining; throughput = delivered / (last delivery - first publish);
+  * after publishing, everything drains until all expected deliveries arrived or nothing
+    arrived for `drain_idle` seconds; lost = published x ready subscribers - delivered;
+  * latency = the subscriber's CLOCK_MONOTONIC right after `recv` minus the stamp in the
+    payload, both on one machine's clock, in 1 us buckets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import multiprocessing as mp
+import os
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from broker.bench import target as tg
+from broker.bench import wire
+from broker.bench.publisher import Publisher
+from broker.bench.workers import WorkerSpec, worker_main
+
+Number = int | float | None
+
+
+@dataclass
+class Options:
+    """What every scenario shares: the target and how the load is spread."""
+
+    url: str | None = None  # None: start our own server
+    pid: int | None = None
+    procs: int = 0  # 0: one worker per 5,000 connections, at least 2
+    src_ips: int = 8
+    conc: int = 64
+    conn_timeout: float = 180.0
+    broker_cpu: int | None = 0
+    load_cpu: int | None = 1
+    broker_args: list[str] = field(default_factory=list)
+    quiet_wait: float = 0.0  # wait up to this long for a quiet machine before measuring
+
+
+@dataclass
+class Report:
+    scenario: str
+    params: dict[str, Any]
+    results: dict[str, Number]
+    steps: list[dict[str, Number]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "params": self.params,
+            "results": self.results,
+            "steps": self.steps,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class Target:
+    endpoint: tg.Endpoint
+    pid: int | None
+    server: str  # "broker", "trivial" or "external"
+
+
+@contextlib.contextmanager
+def open_target(opts: Options, kind: str = "broker") -> Iterator[Target]:
+    """The server to load: ours to start (and stop by PID) unless --url names a running one."""
+    if kind == "broker" and opts.url:
+        yield Target(tg.loopback_target(opts.url), opts.pid, "external")
+        return
+    port = tg.free_port()
+    cpu = opts.broker_cpu if tg.can_pin() else None
+    if kind == "broker":
+        server = tg.spawn_broker(port, cpu, opts.broker_args)
+    else:
+        server = tg.spawn_trivial(port, cpu)
+    try:
+        yield Target(tg.Endpoint("127.0.0.1", port, "/ws"), server.pid, kind)
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- the worker pool
+
+
+@dataclass
+class Stats:
+    delivered: int
+    closed: int
+    hist: Counter[int]
+    last_ns: int
+
+
+class Load:
+    """K subscriber processes holding `n` connections; stopped by PID whatever happens."""
+
+    def __init__(self, ep: tg.Endpoint, n: int, topic_fmt: str, opts: Options) -> None:
+        procs = opts.procs or max(2, math.ceil(n / 5000))
+        procs = max(1, min(procs, n))
+        ctx = mp.get_context("spawn")
+        self.delivered = ctx.RawArray("q", procs)
+        self.last = ctx.RawArray("q", procs)
+        self.closed = ctx.RawArray("q", procs)
+        self.pipes: list[Connection] = []
+        self.procs: list[Any] = []
+        cpu = opts.load_cpu if tg.can_pin() else None
+        per = math.ceil(n / procs)
+        first = 0
+        for i in range(procs):
+            count = min(per, n - first)
+            spec = WorkerSpec(
+                index=i,
+                host=ep.host,
+                port=ep.port,
+                path=ep.path,
+                first=first,
+                count=count,
+                topic_fmt=topic_fmt,
+                src_ips=opts.src_ips,
+                conc=max(1, opts.conc // procs),
+                conn_timeout=opts.conn_timeout,
+                cpu=cpu,
+                max_seconds=opts.conn_timeout + 3600,
+            )
+            first += count
+            mine, theirs = ctx.Pipe()
+            p = ctx.Process(
+                target=worker_main,
+                args=(spec, theirs, [self.delivered, self.last, self.closed]),
+                name=f"broker-bench-worker-{i}",
+                daemon=True,
+            )
+            p.start()
+            theirs.close()
+            self.pipes.append(mine)
+            self.procs.append(p)
+        self.n = n
+        self.conn_timeout = opts.conn_timeout
+
+    def _gather(self, kind: str, timeout: float) -> list[tuple[Any, ...]]:
+        deadline = time.monotonic() + timeout
+        out = []
+        for i, pipe in enumerate(self.pipes):
+            if not pipe.poll(max(0.0, deadline - time.monotonic())):
+                raise tg.BenchError(f"worker {i} did not answer {kind!r} in {timeout:.0f} s")
+            msg = pipe.recv()
+            if msg[0] != kind:
+                raise tg.BenchError(f"worker {i}: expected {kind!r}, got {msg[0]!r}")
+            out.append(msg)
+        return out
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        for pipe in self.pipes:
+            pipe.send(msg)
+
+    def connect(self) -> dict[str, Any]:
+        msgs = self._gather("connected", self.conn_timeout + 60)
+        errors = [e for m in msgs for e in m[5]]
+        return {
+            "ready": sum(m[1] for m in msgs),
+            "failed": sum(m[2] for m in msgs),
+            "t0_ns": min(m[3] for m in msgs),
+            "t_last_ns": max(m[4] for m in msgs),
+            "errors": errors[:5],
+            "cpu_s": sum(m[6] for m in msgs),
+        }
+
+    def start(self, stamps: bool, tick: float) -> None:
+        self._send(("start", stamps, tick))
+        self._gather("started", 30)
+
+    def delivered_total(self) -> int:
+        return sum(self.delivered)
+
+    def closed_total(self) -> int:
+        return sum(self.closed)
+
+    def stop(self) -> Stats:
+        self._send(("stop",))
+        msgs = self._gather("stats", 60)
+        hist: Counter[int] = Counter()
+        for m in msgs:
+            hist.update(m[3])
+        return Stats(
+            delivered=sum(m[1] for m in msgs),
+            closed=sum(m[2] for m in msgs),
+            hist=hist,
+            last_ns=max(m[4] for m in msgs),
+        )
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("exit",))
+        deadline = time.monotonic() + 20
+        for p in self.procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        for pipe in self.pipes:
+            pipe.close()
+
+    def __enter__(self) -> Load:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def percentile_us(hist: Counter[int], q: float) -> float | None:
+    """Nearest-rank percentile of a histogram of 1 us buckets."""
+    total = sum(hist.values())
+    if not total:
+        return None
+    rank = max(1, math.ceil(q * total))
+    acc = 0
+    for us in sorted(hist):
+        acc += hist[us]
+        if acc >= rank:
+            return float(us)
+    return float(max(hist))
+
+
+def ms(us: float | None) -> float | None:
+    return None if us is None else round(us / 1000.0, 3)
+
+
+def broker_metrics(ep: tg.Endpoint) -> dict[str, float]:
+    """Every sample of the broker's /metrics ({} from a server without one, like `trivial`)."""
+    try:
+        url = f"http://{ep.host}:{ep.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
+# broker counters whose change over a run explains its throughput (names: CONTRACT/metrics)
+COUNTERS = {
+    "broker_loop_iterations": "broker_epoll_wait_total",
+    "broker_backpressure": "broker_backpressure_total",
+    "broker_slow_consumers": "broker_slow_consumers_total",
+    "broker_delivered_counter": "broker_messages_delivered_total",
+}
+
+
+def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, Number]:
+    out: dict[str, Number] = {}
+    for label, name in COUNTERS.items():
+        if name in before and name in after:
+            out[label] = int(after[name] - before[name])
+    return out
+
+
+def broker_metric(ep: tg.Endpoint, name: str) -> float | None:
+    return broker_metrics(ep).get(name)
+
+
+def proc_cpu(pid: int | None) -> float | None:
+    return None if pid is None else tg.cpu_seconds(tg.descendants(pid))
+
+
+def pct(cpu0: float | None, cpu1: float | None, wall: float) -> float | None:
+    if cpu0 is None or cpu1 is None or wall <= 0:
+        return None
+    return round(100.0 * (cpu1 - cpu0) / wall, 2)
+
+
+def connect_load(t: Target, n: int, topic_fmt: str, opts: Options) -> tuple[Load, dict[str, Any]]:
+    load = Load(t.endpoint, n, topic_fmt, opts)
+    try:
+        conn = load.connect()
+    except BaseException:
+        load.close()
+        raise
+    if conn["ready"] == 0:
+        load.close()
+        raise tg.BenchError(f"no connection became ready; first errors: {conn['errors']}")
+    return load, conn
+
+
+def _quiet(opts: Options) -> None:
+    if opts.quiet_wait > 0:
+        tg.wait_quiet(opts.quiet_wait)
+
+
+def _ours(t: Target) -> list[int]:
+    """PIDs whose CPU is ours, not noise: an external broker (our children are skipped anyway)."""
+    return tg.descendants(t.pid) if t.pid else []
+
+
+def _drain(load: Load, expected: int, idle_s: float, max_s: float) -> None:
+    """Wait until `expected` deliveries arrived, or none for `idle_s`, or `max_s` passed."""
+    deadline = time.monotonic() + max_s
+    last_n, last_t = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        n = load.delivered_total()
+        if n >= expected:
+            return
+        if n != last_n:
+            last_n, last_t = n, time.monotonic()
+        elif time.monotonic() - last_t > idle_s:
+            return
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------- idle
+
+
+def idle(opts: Options, conns: int, settle: float, rest: float) -> Report:
+    with open_target(opts) as t:
+        time.sleep(1.0)  # let a fresh server settle before its empty RSS is read
+        pids = tg.descendants(t.pid) if t.pid else []
+        rss0 = tg.rss_kb(pids) if pids else None
+        net0 = tg.tcp_ext(("ListenOverflows", "TCPSynRetrans"))
+        bc0 = tg.cpu_seconds(pids) if pids else None
+        load, conn = connect_load(t, conns, "bench.idle.{i}", opts)
+        bc1 = tg.cpu_seconds(pids) if pids else None
+        with load:
+            net1 = tg.tcp_ext(("ListenOverflows", "TCPSynRetrans"))
+            load.start(False, 0.0)
+            time.sleep(settle)
+            _quiet(opts)
+            pids = tg.descendants(t.pid) if t.pid else []
+            rss_n = tg.rss_kb(pids) if pids else None
+            gauge = broker_metric(t.endpoint, "broker_connections")
+            cpu0 = tg.cpu_seconds(pids) if pids else None
+            noise = tg.OtherCpu()
+            w0 = time.monotonic()
+            time.sleep(rest)
+            cpu1 = tg.cpu_seconds(pids) if pids else None
+            other = noise.cpus(_ours(t))
+            wall = time.monotonic() - w0
+            closed = load.closed_total()
+        ready = conn["ready"]
+        secs = max(1e-9, (conn["t_last_ns"] - conn["t0_ns"]) / 1e9)
+        results: dict[str, Number] = {
+            "conns_ready": ready,
+            "conns_failed": conn["failed"],
+            "connect_seconds": round(secs, 3),
+            "connect_per_s": round(ready / secs, 1),
+            "connect_broker_cpu_pct": pct(bc0, bc1, secs),
+            "connect_loadgen_cpu_pct": round(100.0 * conn["cpu_s"] / secs, 2),
+            "rss_empty_kib": rss0,
+            "rss_kib": rss_n,
+            "bytes_per_conn": (
+                round((rss_n - rss0) * 1024 / ready, 1)
+                if rss0 is not None and rss_n is not None
+                else None
+            ),
+            "rest_seconds": round(wall, 2),
+            "rest_cpu_pct": pct(cpu0, cpu1, wall),
+            "disconnected_at_rest": closed,
+            "listen_overflows": net1["ListenOverflows"] - net0["ListenOverflows"],
+            "syn_retrans": net1["TCPSynRetrans"] - net0["TCPSynRetrans"],
+            "other_cpu": other,
+        }
+        if gauge is not None:
+            results["broker_connections_gauge"] = gauge
+        notes = [f"first errors: {conn['errors']}"] if conn["errors"] else []
+        return Report(
+            "idle",
+            _params(t, opts, conns=conns, settle_s=settle, rest_s=rest, procs=len(load.procs)),
+            results,
+            notes=notes,
+        )
+
+
+def _params(t: Target, opts: Options, **kw: Any) -> dict[str, Any]:
+    return {
+        "server": t.server,
+        "url": t.endpoint.url,
+        "pid": t.pid,
+        "broker_cpu": opts.broker_cpu if (t.server != "external" and tg.can_pin()) else None,
+        "load_cpu": opts.load_cpu if tg.can_pin() else None,
+        "src_ips": opts.src_ips,
+        **kw,
+    }
+
+
+# ---------------------------------------------------------------- fanout / ceiling
+
+
+def fanout(
+    opts: Options,
+    subs: int,
+    duration: float,
+    size: int,
+    window: int,
+    tick: float,
+    kind: str = "broker",
+) -> Report:
+    with open_target(opts, kind) as t:
+        load, conn = connect_load(t, subs, "bench.fanout", opts)
+        with load:
+            pub = Publisher(t.endpoint, "bench.fanout", size)
+            try:
+                return _fanout_run(t, opts, load, conn, pub, subs, duration, size, window, tick)
+            finally:
+                pub.close()
+
+
+def _fanout_run(
+    t: Target,
+    opts: Options,
+    load: Load,
+    conn: dict[str, Any],
+    pub: Publisher,
+    subs: int,
+    duration: float,
+    size: int,
+    window: int,
+    tick: float,
+) -> Report:
+    ready = conn["ready"]
+    win_pubs = max(1, window // ready) if window > 0 else 0
+    time.sleep(1.0)
+    _quiet(opts)
+    m0 = broker_metrics(t.endpoint)
+    load.start(False, tick)
+    mine = [os.getpid(), *load.pids()]
+    noise = tg.OtherCpu()
+    b0, l0 = proc_cpu(t.pid), tg.cpu_seconds(mine)
+    w0 = time.monotonic()
+    t_start = time.monotonic_ns()
+    end = time.monotonic() + duration
+    next_service = 0.0
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        if now >= next_service:
+            pub.service()
+            next_service = now + 0.1
+        room = 64
+        if win_pubs:
+            room = min(room, win_pubs - (pub.seq - load.delivered_total() // ready))
+        if room > 0:
+            pub.publish(room)
+        else:
+            time.sleep(0.0002)
+    published = pub.seq
+    _drain(load, published * ready, idle_s=3.0, max_s=60.0)
+    wall = time.monotonic() - w0
+    b1, l1 = proc_cpu(t.pid), tg.cpu_seconds(mine)
+    other = noise.cpus(_ours(t))
+    pub.service()
+    stats = load.stop()
+    deltas = counter_deltas(m0, broker_metrics(t.endpoint))
+    span = max(1e-9, (stats.last_ns - t_start) / 1e9)
+    delivered = stats.delivered
+    results: dict[str, Number] = {
+        "subs_ready": ready,
+        "published": published,
+        "delivered": delivered,
+        "lost": published * ready - delivered,
+        "disconnected": stats.closed,
+        "publish_errors": pub.errors,
+        "seconds": round(span, 3),
+        "deliveries_per_s": round(delivered / span, 1),
+        "broker_cpu_pct": pct(b0, b1, wall),
+        "broker_cpu_us_per_delivery": (
+            round((b1 - b0) * 1e6 / delivered, 3)
+            if b0 is not None and b1 is not None and delivered
+            else None
+        ),
+        "loadgen_cpu_pct": pct(l0, l1, wall),
+        "other_cpu": other,
+        **deltas,
+    }
+    iterations = deltas.get("broker_loop_iterations")
+    if iterations:
+        results["broker_deliveries_per_iteration"] = round(delivered / iterations, 1)
+    params = _params(
+        t,
+        opts,
+        subs=subs,
+        duration_s=duration,
+        payload_bytes=size,
+        window_deliveries=window,
+        window_publishes=win_pubs,
+        rx_tick_ms=tick * 1000,
+        procs=len(load.procs),
+    )
+    return Report("ceiling" if t.server == "trivial" else "fanout", params, results)
+
+
+# ---------------------------------------------------------------- latency
+
+
+def _latency_step(
+    t: Target,
+    opts: Options,
+    load: Load,
+    pub: Publisher,
+    ready: int,
+    rate: float,
+    duration: float,
+) -> dict[str, Number]:
+    _quiet(opts)
+    load.start(True, 0.0)
+    noise = tg.OtherCpu()
+    b0 = proc_cpu(t.pid)
+    w0 = time.monotonic()
+    interval = 1.0 / rate
+    t0 = time.monotonic()
+    end = t0 + duration
+    nxt = t0
+    next_service = 0.0
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        if now >= next_service:
+            pub.service()
+            next_service = now + 0.1
+        if now < nxt:
+            time.sleep(min(nxt - now, end - now))
+            continue
+        due = min(1000, int((now - nxt) / interval) + 1)  # catch up after a late wake-up
+        pub.publish(due)
+        nxt += due * interval
+    published = pub.seq
+    _drain(load, published * ready, idle_s=2.0, max_s=30.0)
+    wall = time.monotonic() - w0
+    b1 = proc_cpu(t.pid)
+    other = noise.cpus(_ours(t))
+    stats = load.stop()
+    return {
+        "rate": rate,
+        "published": published,
+        "delivered": stats.delivered,
+        "lost": published * ready - stats.delivered,
+        "disconnected": stats.closed,
+        "p50_ms": ms(percentile_us(stats.hist, 0.50)),
+        "p99_ms": ms(percentile_us(stats.hist, 0.99)),
+        "max_ms": ms(float(max(stats.hist)) if stats.hist else None),
+        "samples": sum(stats.hist.values()),
+        "broker_cpu_pct": pct(b0, b1, wall),
+        "other_cpu": other,
+    }
+
+
+def latency(
+    opts: Options,
+    subs: int,
+    rate: float,
+    duration: float,
+    size: int,
+    sweep: bool,
+    sweep_start: float,
+    sweep_target_ms: float,
+    sweep_factor: float,
+    sweep_max: float,
+    step_duration: float,
+    kind: str = "broker",
+) -> Report:
+    with open_target(opts, kind) as t:
+        load, conn = connect_load(t, subs, "bench.latency", opts)
+        with load:
+            ready = conn["ready"]
+            time.sleep(1.0)
+            pub = Publisher(t.endpoint, "bench.latency", size)
+            try:
+                first = _latency_step(t, opts, load, pub, ready, rate, duration)
+                pub.seq = 0
+                steps: list[dict[str, Number]] = []
+                results: dict[str, Number] = {"subs_ready": ready, **first}
+                results.pop("rate")
+                if sweep:
+                    r = sweep_start
+                    under: float | None = None
+                    over: float | None = None
+                    while r <= sweep_max:
+                        step = _latency_step(t, opts, load, pub, ready, r, step_duration)
+                        pub.seq = 0
+                        steps.append(step)
+                        p99 = step["p99_ms"]
+                        if p99 is None or p99 > sweep_target_ms or step["disconnected"]:
+                            over = r
+                            break
+                        under = r
+                        r = float(max(r + 1, round(r * sweep_factor)))
+                    results["sweep_last_rate_p99_under_target"] = under
+                    results["sweep_rate_p99_over_target"] = over
+            finally:
+                pub.close()
+    params = _params(
+        t,
+        opts,
+        subs=subs,
+        rate=rate,
+        duration_s=duration,
+        payload_bytes=size,
+        sweep=sweep,
+        sweep_start=sweep_start if sweep else None,
+        sweep_target_ms=sweep_target_ms if sweep else None,
+        sweep_factor=sweep_factor if sweep else None,
+        step_duration_s=step_duration if sweep else None,
+        procs=len(load.procs),
+    )
+    name = "ceiling-latency" if t.server == "trivial" else "latency"
+    return Report(name, params, results, steps=steps)
+
+
+def check_size(size: int) -> None:
+    if not wire.MIN_PAYLOAD <= size <= wire.MAX_PAYLOAD:
+        raise tg.BenchError(f"--size must be {wire.MIN_PAYLOAD}..{wire.MAX_PAYLOAD} bytes")

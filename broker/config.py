@@ -1,0 +1,111 @@
+"""Broker configuration: one frozen dataclass, filled from defaults, `BROKER_*` variables and flags.
+
+Precedence is flag > environment > default. Every limit the broker enforces on network input lives
+here, so a reader can see in one place what a hostile client can and cannot make the broker do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SlowConsumerPolicy = Literal["disconnect", "drop"]
+LogFormat = Literal["text", "json"]
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(8765, "TCP port for WebSocket and HTTP")
+    backlog: int = _opt(4096, "listen backlog (the kernel caps it at net.core.somaxconn)")
+    max_connections: int = _opt(0, "connection limit; 0 = as many as the open-files limit allows")
+    max_message_size: int = _opt(1 << 20, "largest client message after reassembly, bytes (1009)")
+    max_http_body: int = _opt(1 << 20, "largest HTTP request body, bytes (413)")
+    max_subscriptions: int = _opt(1000, "subscriptions one connection may hold")
+    outbound_high_water: int = _opt(
+        1 << 20, "bytes queued to one connection before it is a slow consumer"
+    )
+    slow_consumer_policy: SlowConsumerPolicy = _opt(
+        "disconnect", "what to do with a slow consumer", choices=("disconnect", "drop")
+    )
+    publish_rate: float = _opt(0.0, "publishes per second per connection; 0 = unlimited")
+    publish_burst: int = _opt(1000, "burst allowed above --publish-rate")
+    handshake_timeout: float = _opt(10.0, "seconds to complete the HTTP request or handshake")
+    ping_interval: float = _opt(60.0, "ping a connection silent this many seconds")
+    ping_timeout: float = _opt(30.0, "close a pinged connection silent this much longer")
+    close_timeout: float = _opt(5.0, "seconds to wait for the peer's close frame or drain")
+    shutdown_timeout: float = _opt(10.0, "seconds SIGTERM waits for queues to drain")
+    read_size: int = _opt(256 * 1024, "bytes asked of one recv()")
+    topic_cache_size: int = _opt(4096, "exact topics whose subscriber lists are cached")
+    seq_topics: int = _opt(100_000, "topics whose seq counters are kept (LRU)")
+    log_level: str = _opt("info", "debug, info, warning, error")
+    log_format: LogFormat = _opt("text", "text or json", choices=("text", "json"))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind: Any = type(f.default)
+    value = kind(raw)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {raw!r}")
+    return value
+
+
+def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build a Config from flags and `BROKER_<NAME>` variables; invalid values exit with usage."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="broker",
+        description="WebSocket pub/sub broker. Every flag can also be set as BROKER_<FLAG>.",
+    )
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        env_name = "BROKER_" + f.name.upper()
+        default = f.default
+        if env_name in environ:
+            try:
+                default = _convert(f, environ[env_name])
+            except ValueError as exc:
+                parser.error(f"{env_name}: {exc}")
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            type=type(f.default),
+            default=default,
+            choices=f.metadata.get("choices"),
+            help=f"{f.metadata['help']} (default {f.default}; env {env_name})",
+        )
+    ns = parser.parse_args(argv)
+    values = vars(ns)
+    config = Config(**values)
+    problems = validate(config)
+    if problems:
+        parser.error("; ".join(problems))
+    return config
+
+
+def validate(config: Config) -> list[str]:
+    problems = []
+    for name in ("max_message_size", "max_http_body", "outbound_high_water", "read_size"):
+        if getattr(config, name) < 1:
+            problems.append(f"{name} must be positive")
+    for name in ("handshake_timeout", "ping_interval", "ping_timeout", "close_timeout"):
+        if getattr(config, name) <= 0:
+            problems.append(f"{name} must be positive")
+    if not 0 <= config.port <= 65535:
+        problems.append("port must be 0..65535")
+    if config.max_subscriptions < 0 or config.max_connections < 0:
+        problems.append("limits cannot be negative")
+    return problems

@@ -1,0 +1,331 @@
+"""One client connection: socket I/O and the life cycle from HTTP request to closed socket.
+
+Data flows one way: `recv` -> HTTP exchange (wire.handshake) or WebSocket frames (wsproto) ->
+requests (router) -> outbound buffer (`out`) -> `flush` (one `send` per iteration).
+
+Life cycle (`state`):
+
+    HTTP      parsing HTTP requests; `/ws` upgrades to OPEN, other paths are answered here
+    OPEN      WebSocket open: messages are requests, deliveries are queued
+    CLOSING   we sent a close frame and wait for the peer's (shutdown, RFC 6455 section 7.1.2)
+    DRAINING  nothing more is read or queued; `out` is flushed, then LINGER
+    LINGER    our side is shut down (FIN sent); input is read and discarded until the peer's
+              EOF, so that closing never sends an RST that could destroy our last frames
+    CLOSED    unregistered and closed; counted once, with the first reason recorded
+
+Every state but CLOSED has a deadline enforced by the server's sweep. Reading is paused (EPOLLIN
+dropped) while `out` is over the high-water mark, so a client that does not read cannot make the
+broker buffer replies for it without bound.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from typing import TYPE_CHECKING, Any
+
+from wsproto.connection import Connection as WsConnection
+from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+from broker.errors import Closed, HandshakeError
+from broker.pubsub.session import Session
+from broker.wire.handshake import HttpExchange, HttpRequest
+
+if TYPE_CHECKING:
+    from broker.server import Server
+
+HTTP, OPEN, CLOSING, DRAINING, LINGER, CLOSED = range(6)
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLRDHUP = select.EPOLLRDHUP
+READ_EVENTS = EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR | EPOLLRDHUP
+
+# wsproto reports a frame violation as a CloseConnection with the RFC code to send.
+_VIOLATIONS = {1007: Closed.INVALID_UTF8, 1009: Closed.TOO_LARGE}
+NO_STATUS = 1005  # "no status code was present" (section 7.4.1): never sent on the wire
+
+
+class Connection(Session):
+    __slots__ = (
+        "deadline",
+        "fd",
+        "http",
+        "last_rx",
+        "mask",
+        "partial",
+        "partial_size",
+        "pinged",
+        "reason",
+        "server",
+        "sock",
+        "state",
+        "token",
+        "ws",
+    )
+
+    def __init__(self, sock: socket.socket, server: Server) -> None:
+        super().__init__()
+        now = server.loop.now
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.server = server
+        self.state = HTTP
+        self.http: HttpExchange | None = HttpExchange(server.config.max_http_body)
+        self.ws: WsConnection | None = None
+        self.mask = EPOLLIN | EPOLLRDHUP
+        self.last_rx = now
+        self.pinged = False
+        self.deadline = now + server.config.handshake_timeout
+        self.partial: list[Any] | None = None  # a fragmented message being reassembled
+        self.partial_size = 0
+        self.reason: Closed | None = None
+        self.token = server.loop.register(self.fd, self, self.mask)
+
+    # -- events --------------------------------------------------------------------------------
+
+    def on_event(self, mask: int) -> None:
+        try:
+            if mask & READ_EVENTS:
+                self.on_readable()
+            if mask & EPOLLOUT and self.state != CLOSED:
+                self.flush()
+        except Exception as exc:
+            # A bug serving this connection must not reach the loop: close this one (1011).
+            self.server.internal_error(self, exc)
+
+    def on_readable(self) -> None:
+        server = self.server
+        try:
+            data = self.sock.recv(server.config.read_size)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort(Closed.CLIENT_GONE)
+            return
+        server.stats.bytes_received += len(data)
+        state = self.state
+        if state in (OPEN, CLOSING):
+            if not data:
+                self.abort(Closed.CLIENT_GONE)
+                return
+            self.last_rx = server.loop.now
+            self.pinged = False
+            ws = self.ws
+            assert ws is not None
+            ws.receive_data(data)
+            self._ws_events(ws)
+        elif state == HTTP:
+            self._http_data(data)
+        elif not data:  # DRAINING or LINGER: the peer is done too
+            self.abort(Closed.CLIENT_GONE)
+
+    # -- WebSocket -----------------------------------------------------------------------------
+
+    def _ws_events(self, ws: WsConnection) -> None:
+        router = self.server.router
+        for event in ws.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                if self.state != OPEN:
+                    continue  # CLOSING: the peer's last messages are discarded (section 7.1.2)
+                payload = self._assemble(event.data, event.message_finished)
+                if payload is not None:
+                    router.handle(self, payload, isinstance(event, BytesMessage))
+            elif isinstance(event, Ping):
+                self.queue(ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                self._on_close_frame(ws, event)
+            if self.state >= DRAINING:
+                return
+
+    def _assemble(self, data: str | bytes | bytearray, finished: bool) -> str | bytes | None:
+        """The whole message once its last part is in (wsproto checks the fragments' order and
+        UTF-8); None while parts are missing or after closing with 1009 for a message over the
+        limit. The limit counts bytes; text is measured in UTF-8 only when it could matter."""
+        parts = self.partial
+        if finished and parts is None:
+            whole = data if isinstance(data, str) else bytes(data)
+            size = len(data)
+            if size * 4 > self.server.config.max_message_size and isinstance(whole, str):
+                size = len(whole.encode())
+        else:
+            if parts is None:
+                parts = self.partial = []
+            parts.append(data if isinstance(data, str) else bytes(data))
+            size = self.partial_size = self.partial_size + len(data)
+            if size * 4 > self.server.config.max_message_size and isinstance(data, str):
+                size = sum(len(p.encode()) if isinstance(p, str) else len(p) for p in parts)
+        limit = self.server.config.max_message_size
+        if size > limit:
+            self.close(Closed.TOO_LARGE, f"message over {limit} bytes")
+            return None
+        if not finished:
+            return None
+        if parts is None:
+            return whole
+        self.partial = None
+        self.partial_size = 0
+        return "".join(parts) if isinstance(data, str) else b"".join(parts)
+
+    def _on_close_frame(self, ws: WsConnection, event: CloseConnection) -> None:
+        if ws.state is ConnectionState.REMOTE_CLOSING:
+            # The peer started the close: echo its code (section 5.5.1), 1000 if it sent none.
+            code = 1000 if event.code == NO_STATUS else event.code
+            self.queue(ws.send(CloseConnection(code=code)))
+            self.reason = self.reason or Closed.CLIENT_CLOSE
+            self._drain()
+        elif ws.state is ConnectionState.CLOSED:
+            self._drain()  # the peer answered our close
+        else:
+            # Still OPEN: wsproto found a violation and tells us the code (1002, 1007, 1009).
+            self.close(_VIOLATIONS.get(event.code, Closed.PROTOCOL_ERROR), event.reason or "")
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def _http_data(self, data: bytes) -> None:
+        http = self.http
+        assert http is not None
+        server = self.server
+        was_idle = http.idle  # between requests: an EOF now is a normal keep-alive close
+        try:
+            req = http.receive(data)
+            while req is not None:
+                if req.path == "/ws":
+                    self._upgrade(http, req)
+                    return
+                resp = server.api.handle(req)
+                self.queue(http.respond(resp.status, resp.body, resp.content_type, resp.headers))
+                if not http.next_cycle():
+                    self.reason = Closed.HTTP_DONE
+                    self._drain()
+                    return
+                self.deadline = server.loop.now + server.config.handshake_timeout
+                req = http.next_request()
+        except HandshakeError as exc:
+            body = (exc.message + "\n").encode()
+            self.queue(http.respond(exc.status, body, headers=exc.headers))
+            self.reason = Closed.BAD_HANDSHAKE
+            self._drain()
+            return
+        if not data:  # EOF: finish writing what we owe, then close
+            reason = Closed.HTTP_DONE if was_idle else Closed.CLIENT_GONE
+            if self.out:
+                self.reason = reason
+                self._drain()
+            else:
+                self.abort(reason)
+
+    def _upgrade(self, http: HttpExchange, req: HttpRequest) -> None:
+        upgrade = http.accept_upgrade(req)
+        self.queue(upgrade.response)
+        self.http = None  # the h11 state is no longer needed: only wsproto's stays
+        self.encoding = upgrade.encoding
+        self.ws = ws = WsConnection(ConnectionType.SERVER)
+        self.state = OPEN
+        self.last_rx = self.server.loop.now
+        if upgrade.trailing_data:
+            ws.receive_data(upgrade.trailing_data)
+            self._ws_events(ws)
+
+    # -- output --------------------------------------------------------------------------------
+
+    def queue(self, frame: bytes) -> None:
+        self.server.router.reply(self, frame)
+
+    def flush(self) -> None:
+        """Write what `out` holds with one send; arm EPOLLOUT for the rest."""
+        out = self.out
+        if not out or self.state == CLOSED:
+            return
+        try:
+            sent = self.sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.abort(Closed.CLIENT_GONE)
+            return
+        self.server.stats.bytes_sent += sent
+        if sent == len(out):
+            out.clear()
+            self.slow = False
+            if self.state == DRAINING:
+                self._linger()
+                return
+        else:
+            del out[:sent]
+            if self.slow and len(out) <= self.server.config.outbound_high_water // 2:
+                self.slow = False
+        self.update_interest()
+
+    def update_interest(self) -> None:
+        """Ask epoll for what this state needs; `modify` only when it changed."""
+        state = self.state
+        want = EPOLLRDHUP
+        if state != DRAINING and len(self.out) <= self.server.config.outbound_high_water:
+            want |= EPOLLIN
+        if self.out:
+            want |= EPOLLOUT
+        if want != self.mask:
+            if want & EPOLLOUT and not self.mask & EPOLLOUT:
+                self.server.stats.backpressure += 1
+            self.mask = want
+            self.server.loop.modify(self.fd, want)
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def close(self, reason: Closed, message: str = "", wait_for_peer: bool = False) -> None:
+        """Start closing with `reason`: a WebSocket gets a close frame with its code first.
+
+        `wait_for_peer` keeps reading until the peer answers with its close frame (a clean
+        shutdown); otherwise we drain and close without waiting (violations, slow consumers).
+        """
+        if self.state >= CLOSING:
+            return  # already closing; its deadline finishes the job
+        self.reason = reason
+        if self.state == OPEN:
+            ws = self.ws
+            assert ws is not None
+            self.queue(ws.send(CloseConnection(code=reason.code, reason=message or reason.label)))
+            if wait_for_peer:
+                self.server.router.drop(self)
+                self.state = CLOSING
+                self.deadline = self.server.loop.now + self.server.config.close_timeout
+                return
+        self._drain()
+
+    def _drain(self) -> None:
+        self.server.router.drop(self)
+        self.http = None
+        self.partial = None
+        self.state = DRAINING
+        self.deadline = self.server.loop.now + self.server.config.close_timeout
+        if self.out:
+            self.update_interest()  # stop reading; EPOLLOUT or the end-of-iteration flush drains
+        else:
+            self._linger()
+
+    def _linger(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.abort(Closed.CLIENT_GONE)
+            return
+        self.state = LINGER
+        self.ws = None
+        self.deadline = self.server.loop.now + min(2.0, self.server.config.close_timeout)
+        self.update_interest()
+
+    def abort(self, reason: Closed) -> None:
+        """Close the socket now; the first reason recorded is the one counted."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self.server.loop.unregister(self.fd)
+        self.sock.close()
+        self.server.router.drop(self)
+        self.out = bytearray()
+        self.ws = None
+        self.http = None
+        self.partial = None
+        self.server.closed(self, self.reason or reason)

@@ -1,0 +1,1 @@
+"""Sans-IO routing: topics, sessions, fan-out into outbound buffers. Never touches a socket."""

@@ -1,0 +1,289 @@
+"""Wiring: config -> loop, listener, router, HTTP API, metrics; the sweep, stats and shutdown.
+
+One `Server` per process. Each loop iteration is: epoll_wait -> events dispatched to the listener
+and connections -> signals -> due timers -> `_end_of_iteration` (slow-consumer policy, then one
+flush per connection whose buffer became non-empty). Deadlines of connections are checked by
+`_sweep` once a second, a walk over the table that costs well under a millisecond at 20k
+connections; nothing per connection is scheduled.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from wsproto.events import Ping
+
+from broker import __version__, config
+from broker.config import Config
+from broker.errors import Closed
+from broker.metrics import Stats, make_registry, render
+from broker.net.connection import CLOSED, CLOSING, HTTP, LINGER, OPEN, Connection
+from broker.net.listener import Listener
+from broker.net.loop import EventLoop
+from broker.pubsub.http_api import HttpApi
+from broker.pubsub.router import Router
+
+log = logging.getLogger("broker")
+
+FD_RESERVE = 32  # descriptors kept for the listener, epoll, logs and /proc reads
+SWEEP_INTERVAL = 1.0
+INTERNAL_ERROR_LOGS_PER_MINUTE = 10
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one; returns (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft, soft
+    return soft, hard
+
+
+class Server:
+    def __init__(self, cfg: Config, fd_limit: int) -> None:
+        self.config = cfg
+        self.stats = Stats()
+        self.fd_limit = fd_limit
+        self.max_connections = cfg.max_connections or max(1, fd_limit - FD_RESERVE)
+        self.loop = EventLoop(self.stats, fd_limit)
+        self.router = Router(cfg, self.stats)
+        self.registry = make_registry(self.stats, self.gauges)
+        self.api = HttpApi(self.router, lambda: render(self.registry), self.snapshot)
+        self.listener = Listener(self.loop, cfg.host, cfg.port, cfg.backlog, self.accept)
+        self.connections = 0
+        self.stopping = False
+        self._error_log_times: list[float] = []
+        self._rates: dict[str, Any] = {"published_per_s": 0.0, "delivered_per_s": 0.0}
+        self._busiest: list[dict[str, Any]] = []
+        self._last_tick = (time.monotonic(), 0, 0)
+        self.loop.after_events.append(self._end_of_iteration)
+        self.loop.on_signal = self._on_signal
+        self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def accept(self, sock: socket.socket) -> None:
+        self.stats.accepted += 1
+        if self.connections >= self.max_connections or self.stopping:
+            sock.close()
+            self.stats.closed[Closed.MAX_CONNECTIONS] += 1
+            return
+        sock.setblocking(False)
+        # Nagle would hold back small frames waiting for ACKs; we coalesce writes ourselves.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.connections += 1
+        Connection(sock, self)
+
+    def closed(self, conn: Connection, reason: Closed) -> None:
+        self.connections -= 1
+        self.stats.closed[reason] += 1
+
+    def internal_error(self, conn: Connection, exc: BaseException) -> None:
+        """A bug while serving `conn`: log (rate-limited), count, close it with 1011."""
+        self.stats.internal_errors += 1
+        now = time.monotonic()
+        times = self._error_log_times = [t for t in self._error_log_times if now - t < 60]
+        if len(times) < INTERNAL_ERROR_LOGS_PER_MINUTE:
+            times.append(now)
+            log.error("error serving connection fd=%d, closing it", conn.fd, exc_info=exc)
+        try:
+            conn.close(Closed.INTERNAL_ERROR, "internal error")
+        except Exception:
+            conn.reason = Closed.INTERNAL_ERROR
+            conn.abort(Closed.INTERNAL_ERROR)
+
+    def _connections(self) -> list[Connection]:
+        return [c for c in self.loop.table.slots if type(c) is Connection]
+
+    # -- once per iteration --------------------------------------------------------------------
+
+    def _end_of_iteration(self) -> None:
+        router = self.router
+        router.now = self.loop.now
+        if router.over:
+            over, router.over = router.over, []
+            for session in over:
+                self.stats.slow_consumers += 1
+                if self.config.slow_consumer_policy == "disconnect" and isinstance(
+                    session, Connection
+                ):
+                    session.close(Closed.SLOW_CONSUMER, "slow consumer")
+        dirty = router.dirty
+        if dirty:
+            router.dirty = []
+            for session in dirty:
+                session.flush()  # type: ignore[attr-defined]
+        if self.stopping and self.connections == 0:
+            self.loop.stop()
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Deadlines and keepalive for every connection; runs once a second."""
+        now = self.loop.now
+        cfg = self.config
+        ping_after = cfg.ping_interval
+        give_up_after = cfg.ping_interval + cfg.ping_timeout
+        for conn in self._connections():
+            try:
+                state = conn.state
+                if state == OPEN:
+                    idle = now - conn.last_rx
+                    if idle >= ping_after:
+                        if idle >= give_up_after and conn.pinged:
+                            conn.close(Closed.PING_TIMEOUT, "no pong")
+                        elif not conn.pinged:
+                            conn.pinged = True
+                            assert conn.ws is not None
+                            conn.queue(conn.ws.send(Ping(b"")))
+                elif state != CLOSED and now > conn.deadline:
+                    if state == HTTP:
+                        http = conn.http
+                        idle_http = http is not None and http.idle
+                        conn.abort(Closed.HTTP_DONE if idle_http else Closed.HANDSHAKE_TIMEOUT)
+                    else:
+                        conn.abort(conn.reason or Closed.CLIENT_GONE)
+            except Exception as exc:
+                self.internal_error(conn, exc)
+        self._tick_stats(now)
+        self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _tick_stats(self, now: float) -> None:
+        last, published, delivered = self._last_tick
+        elapsed = max(now - last, 1e-3)
+        s = self.stats
+        self._rates = {
+            "published_per_s": (s.published - published) / elapsed,
+            "delivered_per_s": (s.delivered - delivered) / elapsed,
+        }
+        counts, self.router.topic_counts = self.router.topic_counts, {}
+        top = heapq.nlargest(10, counts.items(), key=lambda kv: kv[1])
+        self._busiest = [{"topic": t, "per_s": n / elapsed} for t, n in top]
+        self._last_tick = (now, s.published, s.delivered)
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def gauges(self) -> dict[str, float]:
+        return {
+            "broker_connections": self.connections,
+            "broker_subscriptions": self.router.sublist.subscriptions,
+            "broker_topics": self.router.sublist.patterns,
+            "broker_outbound_queued_bytes": sum(len(c.out) for c in self._connections()),
+            "broker_uptime_seconds": time.time() - self.stats.started,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """The JSON behind GET /stats and the live page."""
+        s = self.stats
+        return {
+            "connections": self.connections,
+            "subscriptions": self.router.sublist.subscriptions,
+            "topics": self.router.sublist.patterns,
+            "published_total": s.published,
+            "delivered_total": s.delivered,
+            **self._rates,
+            "busiest_topics": self._busiest,
+            "uptime_s": time.time() - s.started,
+        }
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop accepting, send 1001 to every client, drain within `shutdown_timeout`."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("shutting down: closing %d connections", self.connections)
+        self.listener.close()
+        for conn in self._connections():
+            if conn.state == OPEN:
+                conn.close(Closed.SHUTDOWN, "server shutting down", wait_for_peer=True)
+            elif conn.state in (HTTP, LINGER):
+                conn.abort(Closed.SHUTDOWN)
+        self.loop.call_later(self.config.shutdown_timeout, self._force_stop)
+
+    def _force_stop(self) -> None:
+        for conn in self._connections():
+            if conn.state != CLOSED:
+                conn.abort(
+                    Closed.SHUTDOWN if conn.state != CLOSING else conn.reason or Closed.SHUTDOWN
+                )
+        self.loop.stop()
+
+    def run(self) -> None:
+        self.loop.handle_signals(signal.SIGTERM, signal.SIGINT)
+        try:
+            self.loop.run()
+        finally:
+            self.listener.close()
+            self.loop.close()
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(cfg: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if cfg.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.log_level.upper())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = config.parse(argv)
+    setup_logging(cfg)
+    before, after = raise_fd_limit()
+    try:
+        server = Server(cfg, after)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror)  # noqa: TRY400
+        return 1
+    host, port = server.listener.address
+    log.info(
+        "broker %s listening on %s:%d (ws://%s:%d/ws); open files limit %d (was %d), "
+        "max connections %d; pid %d",
+        __version__,
+        host,
+        port,
+        host,
+        port,
+        after,
+        before,
+        server.max_connections,
+        os.getpid(),
+    )
+    server.run()
+    log.info("stopped")
+    return 0

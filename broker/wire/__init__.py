@@ -1,0 +1,1 @@
+"""Sans-IO protocol code: handshake, frames, codecs, messages. Never touches a socket."""

@@ -1,0 +1,28 @@
+"""Server-to-client WebSocket frames built once, as complete bytes (RFC 6455 section 5.2).
+
+Fan-out encodes each message once and queues the same bytes object to every subscriber, so the
+frame must be complete and final here: FIN set, unmasked (servers never mask, section 5.1), no
+extensions (permessage-deflate is not negotiated: it would make every copy different).
+Client frames are parsed by wsproto; this module only writes.
+"""
+
+from __future__ import annotations
+
+import struct
+
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+
+_LEN16 = struct.Struct("!BBH")
+_LEN64 = struct.Struct("!BBQ")
+
+
+def frame(opcode: int, payload: bytes) -> bytes:
+    """One final, unmasked frame carrying `payload`."""
+    n = len(payload)
+    first = 0x80 | opcode
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 0x10000:
+        return _LEN16.pack(first, 126, n) + payload
+    return _LEN64.pack(first, 127, n) + payload

@@ -1,0 +1,385 @@
+"""`broker-cli`: publish, subscribe, ping and read stats from a terminal or a shell script.
+
+Built on `AsyncClient` and argparse. Expected failures (broker unreachable, an error reply, bad
+input) print one line `broker-cli: error: ...` on stderr and exit with a code a script can test;
+only a bug shows a traceback. Results go to stdout, progress and connection news to stderr, so
+`broker-cli subscribe t | jq .data` sees nothing but messages.
+
+Exit codes: 0 success; 1 the broker answered with an error; 2 bad usage or input; 3 the broker could
+not be reached or the connection was lost; 130 interrupted (publish, ping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import inspect
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn, TextIO
+
+from .aio import AsyncClient
+from .errors import BrokerClientError, BrokerConnectionError, BrokerError, RequestTimeoutError
+from .protocol import DEFAULT_URL, ConnectionState, Message, StateChange
+from .stats import fetch_metrics, http_base, render_table, summary
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_BROKER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+
+PROG = "broker-cli"
+
+
+class UsageError(Exception):
+    """Bad input from the user: exit 2 with the message."""
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+# publish
+
+
+def _read_messages(args: argparse.Namespace, stdin: TextIO) -> list[Any]:
+    if args.data is not None and args.data != "-":
+        texts = [args.data]
+    elif args.lines:
+        texts = [line.rstrip("\r\n") for line in stdin]
+        texts = [t for t in texts if t.strip()]
+    else:
+        whole = stdin.read()
+        texts = [whole[:-1] if whole.endswith("\n") else whole] if whole else []
+    if args.raw:
+        return texts
+    messages = []
+    for n, text in enumerate(texts, 1):
+        try:
+            messages.append(json.loads(text))
+        except ValueError as exc:
+            where = f"line {n}: " if args.lines else ""
+            raise UsageError(
+                f"{where}DATA is not valid JSON ({exc}); pass --raw to send it as a string"
+            ) from None
+    return messages
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    messages = _read_messages(args, sys.stdin)
+    if not messages:
+        raise UsageError("nothing to publish (no DATA and empty stdin)")
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    if args.rate is not None and args.rate <= 0:
+        raise UsageError("--rate must be positive")
+    total = len(messages) * args.count
+    async with _client(args) as client:
+        delivered = 0
+        window = asyncio.Semaphore(args.window)
+        failures: list[BaseException] = []
+
+        async def one(data: Any) -> None:
+            nonlocal delivered
+            try:
+                count = await client.publish(args.topic, data, ack=not args.no_ack)
+                delivered += count or 0
+            except BrokerClientError as exc:
+                failures.append(exc)
+            finally:
+                window.release()
+
+        start = time.monotonic()
+        tasks: set[asyncio.Task[None]] = set()
+        for i in range(total):
+            if failures:
+                break
+            if args.rate is not None:
+                await asyncio.sleep(max(0.0, start + i / args.rate - time.monotonic()))
+            await window.acquire()
+            task = asyncio.create_task(one(messages[i % len(messages)]))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+        if failures:
+            raise failures[0]
+        if args.no_ack:
+            await client.ping()  # the broker answers in order: everything before it was handled
+        elapsed = time.monotonic() - start
+    if total == 1 and not args.no_ack:
+        print(delivered, flush=True)
+        return EXIT_OK
+    rate = total / elapsed if elapsed > 0 else float("inf")
+    if args.no_ack:
+        _err(f"published {total} messages in {elapsed:.2f} s ({rate:,.0f}/s), not acknowledged")
+    else:
+        print(delivered, flush=True)
+        _err(
+            f"published {total} messages in {elapsed:.2f} s ({rate:,.0f}/s), delivered {delivered}"
+        )
+    return EXIT_OK
+
+
+# subscribe
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return repr(value)
+
+
+def message_line(message: Message) -> str:
+    """One output line: {"topic","seq","data"}; bytes as base64 with "encoding":"base64" added."""
+    record: dict[str, Any] = {"topic": message.topic, "seq": message.seq, "data": message.data}
+    if isinstance(message.data, bytes):
+        record["data"] = base64.b64encode(message.data).decode("ascii")
+        record["encoding"] = "base64"
+    return json.dumps(record, ensure_ascii=False, default=_json_default)
+
+
+async def _subscribe(args: argparse.Namespace) -> int:
+    if args.count is not None and args.count < 1:
+        raise UsageError("--count must be at least 1")
+    done = asyncio.Event()
+    printed = 0
+    last: Message | None = None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+
+    def on_message(message: Message) -> None:
+        nonlocal printed, last
+        # Overlapping patterns ("a.*" and "a.b") hand the same delivery to each: print it once.
+        if message is last or done.is_set():
+            return
+        last = message
+        try:
+            sys.stdout.write(message_line(message) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # `broker-cli subscribe t | head -1`: the reader is gone; stop quietly, and point stdout
+            # at /dev/null so the interpreter's final flush does not complain either.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            done.set()
+            return
+        printed += 1
+        if args.count is not None and printed >= args.count:
+            done.set()
+
+    try:
+        async with _client(args, report_states=True) as client:
+            for topic in args.topics:
+                await client.subscribe(topic, on_message)
+            _err(f"subscribed to {', '.join(args.topics)} at {args.url}")
+            closed = asyncio.create_task(client.wait_for_state(ConnectionState.CLOSED))
+            stop = asyncio.create_task(done.wait())
+            await asyncio.wait({closed, stop}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (closed, stop):
+                task.cancel()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            sys.stdout.flush()
+    return EXIT_OK
+
+
+# ping, stats
+
+
+async def _ping(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        for i in range(args.count):
+            if i:
+                await asyncio.sleep(args.interval)
+            rtt = await client.ping()
+            print(f"pong from {args.url}: {rtt * 1e3:.2f} ms", flush=True)
+    return EXIT_OK
+
+
+def _stats(args: argparse.Namespace) -> int:
+    try:
+        base = http_base(args.url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    metrics = fetch_metrics(base, timeout=args.timeout)
+    sections = summary(metrics)
+    if args.json:
+        out = {name: {label: value for label, value, _ in rows} for name, rows in sections}
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    else:
+        print(render_table(f"broker {base}", sections))
+    return EXIT_OK
+
+
+# wiring
+
+
+def _client(args: argparse.Namespace, *, report_states: bool = False) -> AsyncClient:
+    lost = False
+
+    def on_state(change: StateChange) -> None:
+        nonlocal lost
+        if change.state is ConnectionState.RECONNECTING:
+            lost = True
+            _err(f"{change.error}; reconnecting in {change.delay or 0.0:.1f} s")
+        elif change.state is ConnectionState.CONNECTED and lost:
+            lost = False
+            _err(f"reconnected to {args.url}")
+
+    return AsyncClient(
+        args.url,
+        encoding="msgpack" if getattr(args, "msgpack", False) else "json",
+        request_timeout=args.timeout,
+        open_timeout=args.timeout,
+        on_state_change=on_state if report_states else None,
+        on_error=lambda error: _err(f"broker: {error}"),
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Command-line client for the broker (wire protocol v1).",
+        epilog=(
+            "exit codes: 0 ok, 1 the broker answered with an error, 2 bad usage or input, "
+            "3 broker unreachable or connection lost, 130 interrupted"
+        ),
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("BROKER_URL", DEFAULT_URL),
+        help="broker WebSocket URL (default: $BROKER_URL or %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for a connection or an answer (default: %(default)s)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log the client's debug output"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pub = commands.add_parser(
+        "publish",
+        help="publish a message and print how many subscribers it was delivered to",
+        description=(
+            "Publish DATA (JSON; a string with --raw) to TOPIC and print the delivered count "
+            "(the number of connections it was queued to). Without DATA, or with '-', read it "
+            "from stdin; with --lines each line of stdin is one message. With several messages "
+            "the total delivered count is printed and a summary goes to stderr."
+        ),
+    )
+    pub.add_argument("topic", metavar="TOPIC", help="concrete topic, e.g. sensors.kitchen")
+    pub.add_argument("data", metavar="DATA", nargs="?", help="JSON value, or '-' for stdin")
+    pub.add_argument("--raw", action="store_true", help="send DATA (or each line) as a string")
+    pub.add_argument("--lines", action="store_true", help="stdin: one message per line")
+    pub.add_argument("--count", type=int, default=1, metavar="N", help="send each message N times")
+    pub.add_argument("--rate", type=float, metavar="R", help="at most R messages per second")
+    pub.add_argument("--no-ack", action="store_true", help="do not wait for acknowledgements")
+    pub.add_argument("--msgpack", action="store_true", help="use the msgpack encoding")
+    pub.add_argument(
+        "--window", type=int, default=64, metavar="W", help=argparse.SUPPRESS
+    )  # publishes in flight at once
+    pub.set_defaults(run=_publish)
+
+    sub = commands.add_parser(
+        "subscribe",
+        help="print messages as JSON lines",
+        description=(
+            'Subscribe to each TOPIC (wildcards: "*" one token, a final ">" the rest) and print '
+            'one JSON line per message: {"topic", "seq", "data"} (binary data as base64 with '
+            '"encoding": "base64"). Runs until Ctrl-C or --count messages; reconnects by itself.'
+        ),
+    )
+    sub.add_argument("topics", metavar="TOPIC", nargs="+", help="topic or pattern")
+    sub.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    sub.add_argument("--msgpack", action="store_true", help="use the msgpack encoding")
+    sub.set_defaults(run=_subscribe)
+
+    ping = commands.add_parser(
+        "ping",
+        help="measure a round trip through the broker",
+        description="Send protocol pings and print each round-trip time.",
+    )
+    ping.add_argument("--count", type=int, default=1, metavar="N", help="pings to send")
+    ping.add_argument("--interval", type=float, default=1.0, metavar="S", help="between pings")
+    ping.set_defaults(run=_ping)
+
+    stats = commands.add_parser(
+        "stats",
+        help="show the broker's key metrics",
+        description=(
+            "Read the broker's Prometheus /metrics (its HTTP URL is derived from --url: "
+            "ws://HOST:PORT/ws -> http://HOST:PORT/metrics) and print the key figures."
+        ),
+    )
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.set_defaults(run=_stats)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv`, run the command, and map expected failures to an exit code."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills an optional positional in the first run of positionals, so in
+    # `publish TOPIC --raw DATA` the DATA after the option comes back unrecognised: take it here.
+    late_data = len(extra) == 1 and (extra[0] == "-" or not extra[0].startswith("-"))
+    if late_data and args.command == "publish" and args.data is None:
+        args.data, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format=f"{PROG}: %(message)s",
+    )
+    try:
+        if inspect.iscoroutinefunction(args.run):
+            return int(asyncio.run(args.run(args)))
+        return int(args.run(args))
+    except UsageError as exc:
+        parser.exit(EXIT_USAGE, f"{PROG}: error: {exc}\n")
+    except BrokerError as exc:
+        _err(f"error: the broker refused: {exc}")
+        return EXIT_BROKER_ERROR
+    except RequestTimeoutError as exc:
+        _err(f"error: {exc}")
+        return EXIT_UNREACHABLE
+    except BrokerConnectionError as exc:
+        _err(f"error: {exc}")
+        return EXIT_UNREACHABLE
+    except BrokerClientError as exc:
+        _err(f"error: {exc}")
+        return EXIT_BROKER_ERROR
+    except KeyboardInterrupt:
+        return EXIT_OK if args.command == "subscribe" else EXIT_INTERRUPTED
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def main() -> NoReturn:
+    """Console-script entry point (`broker-cli`)."""
+    sys.exit(run())

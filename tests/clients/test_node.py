@@ -1,0 +1,81 @@
+"""Node interop: tests/js/pubsub.mjs talks to a real broker with the `ws` package, both by hand
+(protocol v1 frames) and through the clients/js module, and receives what Python publishes."""
+
+from __future__ import annotations
+
+import json
+import select
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker_client import Client
+
+from tests.conftest import REPO, BrokerProcess
+
+JS = REPO / "tests" / "js"
+NODE = shutil.which("node")
+
+pytestmark = pytest.mark.skipif(
+    NODE is None or not (JS / "node_modules" / "ws").is_dir(),
+    reason="needs node and `npm install` in tests/js (scripts/test.sh does both)",
+)
+
+
+def test_node_ws_client_and_js_module_through_the_broker(
+    broker: BrokerProcess, tmp_path: Path
+) -> None:
+    assert NODE is not None
+    # The module under test, as an .mjs so Node loads it as ES module whatever its version.
+    module = tmp_path / "broker-client.mjs"
+    shutil.copyfile(REPO / "clients" / "js" / "broker-client.js", module)
+    proc = subprocess.Popen(
+        [NODE, str(JS / "pubsub.mjs"), broker.url, str(module)],
+        cwd=JS,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[dict[str, Any]] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 15
+        while not lines or lines[-1].get("step") != "ready":
+            ready, _, _ = select.select(
+                [proc.stdout], [], [], max(0.0, deadline - time.monotonic())
+            )
+            assert ready, f"node never got ready: {lines}"
+            line = proc.stdout.readline()
+            assert line, f"node exited early ({proc.wait(5)}): {lines}"
+            lines.append(json.loads(line))
+            assert "step" in lines[-1], lines[-1]
+        with Client(broker.url) as client:
+            assert client.publish("node.raw.py", {"from": "python"}) == 2  # raw ws + the module
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)  # reaps it and closes the pipes
+    assert proc.returncode == 0, (out, err)
+    lines += [json.loads(line) for line in out.splitlines()]
+    steps = {line["step"]: line for line in lines}
+
+    raw_publish = steps["raw publish"]
+    assert raw_publish["ack"] == {"op": "ack", "id": raw_publish["ack"]["id"], "delivered": 2}
+    assert raw_publish["message"] == {
+        "op": "message",
+        "topic": "node.raw.x",
+        "data": {"n": 1},
+        "seq": 1,
+    }
+    assert steps["client publish"]["delivered"] == 2
+    assert steps["client publish"]["message"]["data"] == "hi"
+    assert steps["client error"]["error"] == {"name": "BrokerError", "code": "bad_request"}
+    received = steps["received"]
+    assert received["raw"]["data"] == {"from": "python"}
+    assert [m["topic"] for m in received["client"]] == ["node.raw.x", "node.raw.y", "node.raw.py"]
+    assert received["client"][2] == {"topic": "node.raw.py", "data": {"from": "python"}, "seq": 1}
+    assert received["rtt"] is True

@@ -1,0 +1,156 @@
+"""Fixtures shared by the whole suite: a real broker process on a free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class BrokerProcess:
+    """A broker started as a real process (`python -m broker`), stopped by PID."""
+
+    def __init__(self, *args: str, port: int | None = None, env: dict[str, str] | None = None):
+        self.port = port or free_port()
+        self.args = args
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = ARTIFACTS / f"broker-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> BrokerProcess:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
+        cmd = [sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", str(self.port)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([*cmd, *self.args], env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode}: {self.log()}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(self.http + "/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"broker did not become healthy: {self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """One sample from /metrics; `labels` is the exact label text, e.g. 'kind="in"'."""
+        with urllib.request.urlopen(self.http + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        wanted = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(wanted + " "):
+                return float(line.split()[-1])
+        raise KeyError(wanted)
+
+    def wait_metric(
+        self, name: str, labels: str = "", *, equals: float, timeout: float = 10.0
+    ) -> float:
+        """Poll /metrics until the sample equals `equals` (bounded); returns the last value."""
+        deadline = time.monotonic() + timeout
+        value = self.metric(name, labels)
+        while value != equals and time.monotonic() < deadline:
+            time.sleep(0.05)
+            value = self.metric(name, labels)
+        return value
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.terminate(timeout=10.0)
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def broker_factory() -> Iterator[Callable[..., BrokerProcess]]:
+    """Start brokers with extra command-line flags; all are stopped at teardown."""
+    started: list[BrokerProcess] = []
+
+    def start(
+        *args: str, port: int | None = None, env: dict[str, str] | None = None
+    ) -> BrokerProcess:
+        b = BrokerProcess(*args, port=port, env=env).start()
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
+    """A broker on its defaults (but a free port)."""
+    return broker_factory()
+
+
+@pytest.fixture
+def raw_ws() -> Iterator[Callable[..., Any]]:
+    """Open raw-socket WebSocket clients (tests/wsraw.py); all are closed at teardown."""
+    from tests.wsraw import RawWs
+
+    opened: list[RawWs] = []
+
+    def open_ws(broker: BrokerProcess, **kw: Any) -> RawWs:
+        c = RawWs(broker.port, **kw)
+        opened.append(c)
+        return c
+
+    yield open_ws
+    for c in opened:
+        c.close()
