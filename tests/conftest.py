@@ -11,8 +11,8 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,10 +54,12 @@ class BrokerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited with {self.proc.returncode}: {self.log()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(self.http + "/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return self
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(self.http + "/healthz", timeout=1) as r,
+            ):
+                if r.status == 200:
+                    return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"broker did not become healthy: {self.log()}")

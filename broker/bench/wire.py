@@ -151,7 +151,8 @@ def scan(buf: bytearray, end: int, want_stamps: bool) -> ScanResult:
     """
     keep = end
     quote = buf.rfind(b'"', max(0, end - MARKER_SPAN + 1), end)
-    if quote >= 0:
+    # carry only a tail that can still become a marker: '"' last, or '"#' + too few digits
+    if quote >= 0 and (quote == end - 1 or buf[quote + 1] == 0x23):
         keep = quote
     pings: list[bytes] = []
     k = buf.find(b"\x89", 0, end)

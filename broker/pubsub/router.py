@@ -48,11 +48,13 @@ class Router:
 
     def handle(self, session: Session, payload: str | bytes, binary: bool) -> None:
         """Run one client message; replies go to `session.out`."""
+        req_id = None
         try:
             req = messages.parse_request(payload, binary)
+            req_id = req.id
             op = req.op
             if op == PUBLISH:
-                self._check_rate(session, req.id)
+                self._check_rate(session)
                 delivered = self.publish(req.topic, req.data)
                 if req.id is not None:
                     self.reply(session, messages.ack(req.id, session.encoding, delivered))
@@ -65,6 +67,8 @@ class Router:
                 self.unsubscribe(session, req.topic)
                 self.reply(session, messages.ack(req.id, session.encoding))
         except RequestError as exc:
+            if exc.request_id is None:
+                exc.request_id = req_id
             self.reply(session, messages.error(exc, session.encoding))
 
     def reply(self, session: Session, frame: bytes) -> None:
@@ -74,7 +78,7 @@ class Router:
             self.dirty.append(session)
         session.out += frame
 
-    def _check_rate(self, session: Session, req_id: object) -> None:
+    def _check_rate(self, session: Session) -> None:
         rate = self.config.publish_rate
         if not rate:
             return
@@ -84,7 +88,7 @@ class Router:
         if tokens < 1.0:
             session.rate_tokens = tokens
             self.stats.dropped["rate_limited"] += 1
-            raise RequestError(ErrorCode.RATE_LIMITED, f"over {rate:g} publishes/s", req_id)
+            raise RequestError(ErrorCode.RATE_LIMITED, f"over {rate:g} publishes/s")
         session.rate_tokens = tokens - 1.0
 
     # -- subscriptions -------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -238,7 +239,7 @@ def test_help_explains_each_command() -> None:
 @pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX shell")
 def test_subscribe_into_a_closed_pipe_exits_quietly(broker: BrokerProcess) -> None:
     # `broker-cli subscribe t | head -1`: the reader goes away after one line.
-    cmd = " ".join([*CLI, "--url", broker.url, "subscribe", "cli.pipe"]) + " | head -n 1"
+    cmd = shlex.join([*CLI, "--url", broker.url, "subscribe", "cli.pipe"]) + " | head -n 1"
     proc = subprocess.Popen(
         ["sh", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
     )

@@ -106,6 +106,7 @@ def test_unsubscribe_and_limits() -> None:
     r.handle(s, '{"op":"subscribe","topic":"c","id":5}', binary=False)
     r.handle(s, '{"op":"unsubscribe","topic":"a","id":6}', binary=False)
     replies = frames(s)
+    assert [m["id"] for m in replies] == [1, 2, 3, 4, 5, 6]
     assert [(m["op"], m.get("code")) for m in replies] == [
         ("error", "not_found"),
         ("ack", None),

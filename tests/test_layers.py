@@ -1,0 +1,58 @@
+"""Imports point one way: net -> pubsub -> wire; config, errors and metrics are leaves."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+BROKER = Path(__file__).resolve().parent.parent / "broker"
+# What each layer may import from the broker package (besides itself).
+ALLOWED = {
+    "wire": {"errors"},
+    "pubsub": {"wire", "errors", "config", "metrics"},
+    "net": {"pubsub", "wire", "errors", "config", "metrics", "server"},  # server: types only
+    "config": set(),
+    "errors": set(),
+    "metrics": {"errors"},
+}
+IO_MODULES = {"socket", "select", "signal", "selectors", "asyncio"}
+
+
+def broker_imports(path: Path) -> tuple[set[str], set[str]]:
+    """(broker subpackages imported, stdlib I/O modules imported) by one file."""
+    tree = ast.parse(path.read_text())
+    layers, io = set(), set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "broker" and len(parts) > 1:
+                layers.add(parts[1])
+            if parts[0] in IO_MODULES:
+                io.add(parts[0])
+    return layers, io
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_layer_imports(layer: str) -> None:
+    target = BROKER / layer
+    files = sorted(target.glob("*.py")) if target.is_dir() else [BROKER / f"{layer}.py"]
+    assert files
+    for path in files:
+        layers, io = broker_imports(path)
+        layers.discard(layer)
+        assert layers <= ALLOWED[layer], f"{path.name} imports {layers - ALLOWED[layer]}"
+        if layer in ("wire", "pubsub"):
+            assert not io, f"sans-IO module {path.name} imports {io}"
+
+
+def test_server_code_does_not_import_the_bench() -> None:
+    for path in BROKER.rglob("*.py"):
+        if "bench" not in path.parts:
+            assert "bench" not in broker_imports(path)[0], path
