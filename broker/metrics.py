@@ -66,6 +66,7 @@ class Stats:
         self.bytes_received = 0
         self.bytes_sent = 0
         self.backpressure = 0
+        self.sends = 0
         self.slow_consumers = 0
         self.internal_errors = 0
 
@@ -139,6 +140,11 @@ class BrokerCollector(Collector):
             "broker_backpressure",
             "Sends that hit a full socket buffer and armed EPOLLOUT",
             s.backpressure,
+        )
+        yield _counter(
+            "broker_socket_sends",
+            "send() calls on client sockets; deliveries per send shows write coalescing",
+            s.sends,
         )
         yield _counter(
             "broker_slow_consumers",

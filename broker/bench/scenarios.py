@@ -178,8 +178,9 @@ class Load:
             "cpu_s": sum(m[6] for m in msgs),
         }
 
-    def start(self, stamps: bool, tick: float) -> None:
-        self._send(("start", stamps, tick))
+    def start(self, stamps: bool, tick: float, size: int = wire.MAX_PAYLOAD) -> None:
+        """Reset counts; count by `#` alone when `size` keeps deliveries short (wire.scan)."""
+        self._send(("start", stamps, tick, size <= wire.FAST_COUNT_MAX_PAYLOAD))
         self._gather("started", 30)
 
     def delivered_total(self) -> int:
@@ -448,7 +449,7 @@ def _fanout_run(
     time.sleep(1.0)
     _quiet(opts)
     m0 = broker_metrics(t.endpoint)
-    load.start(False, tick)
+    load.start(False, tick, size)
     mine = [os.getpid(), *load.pids()]
     noise = tg.OtherCpu()
     b0, l0 = proc_cpu(t.pid), tg.cpu_seconds(mine)

@@ -42,6 +42,8 @@ STAMP_HEX = 16
 MARKER_SPAN = len(MARKER) + STAMP_HEX
 MIN_PAYLOAD = 1 + 2 * STAMP_HEX
 MAX_PAYLOAD = 4096
+# deliveries stay under 291 bytes (0x0123) with this payload and a short topic: see scan()
+FAST_COUNT_MAX_PAYLOAD = 128
 
 _STAMP_RE = re.compile(rb'"#([0-9a-f]{16})')
 _ACK_RE = re.compile(rb'"op"\s*:\s*"ack"')
@@ -144,17 +146,26 @@ class ScanResult:
         self.pings = pings
 
 
-def scan(buf: bytearray, end: int, want_stamps: bool) -> ScanResult:
-    """Count markers in buf[:end]; buf[keep:end] must be carried to the front of the next read.
+def scan(buf: bytearray, end: int, want_stamps: bool, fast: bool = False) -> ScanResult:
+    """Count deliveries in buf[:end]; buf[keep:end] must be carried to the next read's front.
 
+    Three ways to count, cheapest first:
+      fast         `#` bytes (one-byte count, 3x quicker than `"#` on JSON, where `"` abounds);
+                   exact while no server frame's length encodes a 0x23 byte, which holds for
+                   deliveries of 36..290 bytes (payloads up to FAST_COUNT_MAX_PAYLOAD); `#` in
+                   ping frames is subtracted;
+      default      `"#` pairs, exact for frames under 8,739 bytes;
+      want_stamps  the `"#` + 16 hex digits themselves (latency), counted by the same regex.
     Only complete markers before `keep` are counted, so carried bytes are scanned exactly once.
     """
     keep = end
-    quote = buf.rfind(b'"', max(0, end - MARKER_SPAN + 1), end)
-    # carry only a tail that can still become a marker: '"' last, or '"#' + too few digits
-    if quote >= 0 and (quote == end - 1 or buf[quote + 1] == 0x23):
-        keep = quote
+    if want_stamps or not fast:
+        quote = buf.rfind(b'"', max(0, end - MARKER_SPAN + 1), end)
+        # carry only a tail that can still become a marker: '"' last, or '"#' + too few digits
+        if quote >= 0 and (quote == end - 1 or buf[quote + 1] == 0x23):
+            keep = quote
     pings: list[bytes] = []
+    ping_hashes = 0
     k = buf.find(b"\x89", 0, end)
     while 0 <= k < keep:
         if k + 1 >= end:
@@ -165,8 +176,13 @@ def scan(buf: bytearray, end: int, want_stamps: bool) -> ScanResult:
             if k + 2 + length > end:
                 keep = k
                 break
-            pings.append(bytes(buf[k + 2 : k + 2 + length]))
+            payload = bytes(buf[k + 2 : k + 2 + length])
+            pings.append(payload)
+            ping_hashes += (length == 0x23) + payload.count(b"#")
         k = buf.find(b"\x89", k + 1, end)
-    count = buf.count(MARKER, 0, keep)
-    stamps: list[bytes] = _STAMP_RE.findall(buf, 0, keep) if want_stamps and count else []
-    return ScanResult(count, stamps, keep, pings)
+    if want_stamps:
+        stamps: list[bytes] = _STAMP_RE.findall(buf, 0, keep)
+        return ScanResult(len(stamps), stamps, keep, pings)
+    if fast:
+        return ScanResult(buf.count(b"#", 0, keep) - ping_hashes, [], keep, pings)
+    return ScanResult(buf.count(MARKER, 0, keep), [], keep, pings)

@@ -93,6 +93,7 @@ class Worker:
         self.last_ns = 0
         self.hist: Counter[int] = Counter()
         self.want_stamps = False
+        self.fast = False
         self.tick = 0.0
         self.deadline = time.monotonic() + spec.max_seconds
         self.parent = os.getppid()
@@ -227,7 +228,7 @@ class Worker:
         msg = self.pipe.recv()
         cmd = msg[0]
         if cmd == "start":
-            self.want_stamps, self.tick = bool(msg[1]), float(msg[2])
+            self.want_stamps, self.tick, self.fast = bool(msg[1]), float(msg[2]), bool(msg[3])
             self.delivered = 0
             self.last_ns = 0
             self.hist = Counter()
@@ -262,7 +263,7 @@ class Worker:
             self.closed_after_ready += 1
             return 0
         end = p + n
-        r = wire.scan(self.buf, end, self.want_stamps)
+        r = wire.scan(self.buf, end, self.want_stamps, self.fast)
         c.pend = bytes(self.buf[r.keep : end]) if r.keep < end else b""
         for ping in r.pings:
             with contextlib.suppress(OSError):
@@ -278,6 +279,7 @@ class Worker:
                 else:
                     for stamp, k in Counter(r.stamps).items():
                         hist[max(0, now - int(stamp, 16)) // 1000] += k
+        return n
 
     def serve(self) -> None:
         """Read whatever epoll reports; with a tick, pause after sweeps whose reads were small.

@@ -245,7 +245,9 @@ class Connection(Session):
         except OSError:
             self.abort(Closed.CLIENT_GONE)
             return
-        self.server.stats.bytes_sent += sent
+        stats = self.server.stats
+        stats.sends += 1
+        stats.bytes_sent += sent
         if sent == len(out):
             out.clear()
             self.slow = False
@@ -300,10 +302,11 @@ class Connection(Session):
         self.partial = None
         self.state = DRAINING
         self.deadline = self.server.loop.now + self.server.config.close_timeout
-        if self.out:
-            self.update_interest()  # stop reading; EPOLLOUT or the end-of-iteration flush drains
-        else:
+        if not self.out:
             self._linger()
+        # else: the pending flush (end of iteration, or EPOLLOUT if already armed) sends the rest,
+        # and its update_interest stops reading. Arming EPOLLOUT here, before trying to send,
+        # would cost an epoll_ctl and a wake-up for nothing.
 
     def _linger(self) -> None:
         try:

@@ -17,7 +17,9 @@ def delivery(seq: int, stamp: int = 0x1234) -> bytes:
     return frame(0x1, body.encode())
 
 
-def feed(chunks: list[bytes], want_stamps: bool = False) -> tuple[int, list[bytes], list[bytes]]:
+def feed(
+    chunks: list[bytes], want_stamps: bool = False, fast: bool = False
+) -> tuple[int, list[bytes], list[bytes]]:
     """Run chunks through scan the way a worker does, carrying the kept tail over."""
     buf = bytearray(1 << 16)
     pend = b""
@@ -25,7 +27,7 @@ def feed(chunks: list[bytes], want_stamps: bool = False) -> tuple[int, list[byte
     for chunk in chunks:
         data = pend + chunk
         buf[: len(data)] = data
-        r = wire.scan(buf, len(data), want_stamps)
+        r = wire.scan(buf, len(data), want_stamps, fast)
         count += r.count
         stamps += r.stamps
         pings += r.pings
@@ -46,17 +48,24 @@ def test_counts_every_delivery_in_one_buffer() -> None:
     assert stamps == [b"%016x" % 0x1234] * 100
 
 
-@given(st.lists(st.integers(min_value=1, max_value=400), min_size=1, max_size=40))
-def test_split_points_never_lose_or_double_count(cuts: list[int]) -> None:
-    stream = b"".join(delivery(i, stamp=i + 1) for i in range(30))
+@given(
+    st.lists(st.integers(min_value=1, max_value=400), min_size=1, max_size=40),
+    st.sampled_from(["stamps", "pairs", "fast"]),
+)
+def test_split_points_never_lose_or_double_count(cuts: list[int], how: str) -> None:
+    # a ping whose payload holds '#' and whose length byte is 0x23 sits among the deliveries
+    ping = frame(0x9, b"#" * 35)
+    stream = b"".join(delivery(i, stamp=i + 1) + (ping if i == 7 else b"") for i in range(30))
     chunks, pos = [], 0
     for n in cuts:
         chunks.append(stream[pos : pos + n])
         pos += n
     chunks.append(stream[pos:])
-    count, stamps, _ = feed(chunks, want_stamps=True)
+    count, stamps, pings = feed(chunks, want_stamps=how == "stamps", fast=how == "fast")
     assert count == 30
-    assert sorted(int(s, 16) for s in stamps) == list(range(1, 31))
+    assert pings == [b"#" * 35]
+    if how == "stamps":
+        assert sorted(int(s, 16) for s in stamps) == list(range(1, 31))
 
 
 def test_ping_is_found_between_deliveries_and_across_a_split() -> None:

@@ -1,0 +1,111 @@
+"""Loop behaviour seen from outside: no busy loop at rest, EPOLLOUT only under backpressure,
+writes coalesced per iteration, and the flags and environment that configure it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from tests.conftest import REPO, BrokerProcess
+from tests.wsraw import OP_TEXT, RawWs, encode_frame
+
+Ws = Callable[..., RawWs]
+
+
+def test_idle_connections_do_not_wake_the_loop(broker: BrokerProcess, raw_ws: Ws) -> None:
+    clients = [raw_ws(broker) for _ in range(50)]
+    for i, c in enumerate(clients):
+        c.send_json({"op": "subscribe", "topic": f"idle.{i}", "id": i})
+        assert c.recv_json() == {"op": "ack", "id": i}
+    before = broker.metric("broker_epoll_wait_total")
+    time.sleep(3)
+    woken = broker.metric("broker_epoll_wait_total") - before
+    # The 1 s sweep and our two scrapes, nothing per connection.
+    assert woken <= 10, woken
+    assert broker.metric("broker_epoll_events_total", 'kind="out"') == 0
+    assert broker.metric("broker_backpressure_total") == 0
+
+
+def test_frames_of_one_iteration_leave_in_one_send(broker: BrokerProcess, raw_ws: Ws) -> None:
+    sub, pub = raw_ws(broker), raw_ws(broker)
+    sub.send_json({"op": "subscribe", "topic": "c", "id": 1})
+    assert sub.recv_json() == {"op": "ack", "id": 1}
+    sends_before = broker.metric("broker_socket_sends_total")
+    burst = b"".join(
+        encode_frame(OP_TEXT, json.dumps({"op": "publish", "topic": "c", "data": i}).encode())
+        for i in range(200)
+    )
+    pub.sock.sendall(burst)  # 200 publishes, read by the broker in one or a few recv calls
+    assert [sub.recv_json()["data"] for _ in range(200)] == list(range(200))
+    sends = broker.metric("broker_socket_sends_total") - sends_before - 1  # minus the scrape
+    assert sends <= 10, f"{sends} sends for 200 deliveries: writes are not coalesced"
+
+
+def test_backpressure_arms_epollout(broker_factory: Callable[..., BrokerProcess]) -> None:
+    import socket
+
+    broker = broker_factory("--outbound-high-water", str(64 << 20))
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", broker.port))
+    c = RawWs.__new__(RawWs)
+    c.sock, c.buf = s, b""
+    s.sendall(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    c._read_until(b"\r\n\r\n")
+    c.send_json({"op": "subscribe", "topic": "b", "id": 1})
+    assert c.recv_json() == {"op": "ack", "id": 1}
+    big = "x" * 100_000
+    count = 120  # 12 MB into a 4 KB receive window: more than the kernel's buffers hold
+    for _ in range(count):
+        c.send_json({"op": "publish", "topic": "b", "data": big})
+    deadline = time.monotonic() + 10
+    while broker.metric("broker_backpressure_total") == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert broker.metric("broker_backpressure_total") >= 1
+    s.settimeout(10)
+    assert broker.metric("broker_outbound_queued_bytes") > 0
+    total, want = 0, count * 100_000
+    while total < want:  # reading drains the queue through EPOLLOUT
+        total += c.recv_json()["data"].count("x")
+    assert broker.metric("broker_epoll_events_total", 'kind="out"') >= 1
+    assert broker.wait_metric("broker_outbound_queued_bytes", equals=0) == 0
+    s.close()
+
+
+def test_configuration_from_environment_and_flags(
+    broker_factory: Callable[..., BrokerProcess], raw_ws: Ws
+) -> None:
+    broker = broker_factory(
+        "--max-message-size",
+        "2000",
+        env={"BROKER_MAX_MESSAGE_SIZE": "100", "BROKER_LOG_FORMAT": "json"},
+    )
+    c = raw_ws(broker)
+    c.send_frame(OP_TEXT, b'"' + b"x" * 500 + b'"')  # over the env's 100, under the flag's 2000
+    assert c.recv_json()["code"] == "bad_request"
+    line = broker.log().strip().splitlines()[0]
+    entry = json.loads(line)
+    assert entry["level"] == "info" and "listening on" in entry["message"]
+
+
+def test_bad_configuration_exits_with_usage() -> None:
+    for args, env in (
+        (["--port", "70000"], {}),
+        (["--slow-consumer-policy", "ignore"], {}),
+        ([], {"BROKER_PING_INTERVAL": "soon"}),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "broker", *args],
+            env={"PYTHONPATH": str(REPO), **env},
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert proc.returncode == 2, proc
+        assert b"usage: broker" in proc.stderr
