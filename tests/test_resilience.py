@@ -273,11 +273,13 @@ def test_sigterm_drains_then_exits_0(broker: BrokerProcess, raw_ws: Ws) -> None:
         got = [c.recv_json()["data"] for _ in range(500)]
         assert got == list(range(500)), "queued messages are flushed before the close"
         assert c.expect_close() == (1001, "server shutting down")
+        c.send_frame(OP_PING, b"late")  # a ping after the server's close gets no pong
         c.send_frame(OP_CLOSE, b"\x03\xe9")  # answer the close handshake
         assert c.at_eof()
     assert pub.expect_close()[0] == 1001
     pub.close()  # the publisher never answers: the deadline finishes it
     assert broker.proc.wait(15) == 0
+    assert "error serving connection" not in broker.log()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", broker.port), timeout=1)
 

@@ -133,7 +133,8 @@ class Connection(Session):
                 if payload is not None:
                     router.handle(self, payload, isinstance(event, BytesMessage))
             elif isinstance(event, Ping):
-                self.queue(ws.send(event.response()))
+                if ws.state is ConnectionState.OPEN:  # after our close frame, no more pongs
+                    self.queue(ws.send(event.response()))
             elif isinstance(event, CloseConnection):
                 self._on_close_frame(ws, event)
             if self.state >= DRAINING:
