@@ -45,7 +45,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--spawn", action="store_true", help="start our own broker (the default without --url)"
     )
     g.add_argument("--broker-arg", action="append", default=[], help="extra flag for --spawn")
-    g.add_argument("--procs", type=int, default=0, help="worker processes (0: 1 per 5,000 conns)")
+    g.add_argument(
+        "--procs", type=int, default=0, help="worker processes (0: one per 5,000 connections)"
+    )
     g.add_argument("--src-ips", type=int, default=8, help="source addresses 127.0.0.2.. to use")
     g.add_argument("--conc", type=int, default=64, help="handshakes in flight, all workers")
     g.add_argument("--conn-timeout", type=float, default=180.0, help="connect phase limit, s")

@@ -40,7 +40,7 @@ class Options:
 
     url: str | None = None  # None: start our own server
     pid: int | None = None
-    procs: int = 0  # 0: one worker per 5,000 connections, at least 2
+    procs: int = 0  # 0: one worker process per 5,000 connections
     src_ips: int = 8
     conc: int = 64
     conn_timeout: float = 180.0
@@ -108,7 +108,7 @@ class Load:
     """K subscriber processes holding `n` connections; stopped by PID whatever happens."""
 
     def __init__(self, ep: tg.Endpoint, n: int, topic_fmt: str, opts: Options) -> None:
-        procs = opts.procs or max(2, math.ceil(n / 5000))
+        procs = opts.procs or math.ceil(n / 5000)
         procs = max(1, min(procs, n))
         ctx = mp.get_context("spawn")
         self.delivered = ctx.RawArray("q", procs)

@@ -41,6 +41,7 @@ EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLRDHUP = select.EPOLLRDHUP
 READ_EVENTS = EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR | EPOLLRDHUP
+READING = EPOLLIN | EPOLLRDHUP  # the mask of an open connection with nothing pending
 
 # wsproto reports a frame violation as a CloseConnection with the RFC code to send.
 _VIOLATIONS = {1007: Closed.INVALID_UTF8, 1009: Closed.TOO_LARGE}
@@ -74,7 +75,7 @@ class Connection(Session):
         self.state = HTTP
         self.http: HttpExchange | None = HttpExchange(server.config.max_http_body)
         self.ws: WsConnection | None = None
-        self.mask = EPOLLIN | EPOLLRDHUP
+        self.mask = READING
         self.last_rx = now
         self.pinged = False
         self.deadline = now + server.config.handshake_timeout
@@ -252,6 +253,8 @@ class Connection(Session):
         if sent == len(out):
             out.clear()
             self.slow = False
+            if self.mask == READING and self.state == OPEN:
+                return  # the steady state: nothing to change (the common case, kept cheap)
             if self.state == DRAINING:
                 self._linger()
                 return
