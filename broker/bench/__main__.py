@@ -78,17 +78,22 @@ def _fanout_args(p: argparse.ArgumentParser, subs: int = 1000) -> None:
     )
 
 
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sweep", action="store_true", help="then raise the rate step by step")
+    p.add_argument("--sweep-start", type=float, default=5.0, help="first rate of the sweep")
+    p.add_argument("--sweep-target-ms", type=float, default=5.0, help="the p99 to find")
+    p.add_argument("--sweep-stop-ms", type=float, default=50.0, help="stop once p99 passes this")
+    p.add_argument("--sweep-factor", type=float, default=1.5, help="rate multiplier per step")
+    p.add_argument("--sweep-max", type=float, default=20000.0, help="highest rate to try")
+    p.add_argument("--step-duration", type=float, default=5.0, help="seconds per sweep step")
+
+
 def _latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subs", type=int, default=1000)
     p.add_argument("--rate", type=float, default=50.0, help="publishes per second")
     p.add_argument("--duration", type=float, default=10.0, help="seconds at --rate")
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--sweep", action="store_true", help="then raise the rate until p99 > target")
-    p.add_argument("--sweep-start", type=float, default=5.0, help="first rate of the sweep")
-    p.add_argument("--sweep-target-ms", type=float, default=5.0)
-    p.add_argument("--sweep-factor", type=float, default=1.5)
-    p.add_argument("--sweep-max", type=float, default=20000.0, help="highest rate to try")
-    p.add_argument("--step-duration", type=float, default=5.0, help="seconds per sweep step")
+    _sweep_args(p)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -112,13 +117,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ceiling", help="the fanout load against the trivial server")
     _common(p)
     _fanout_args(p)
-    p.add_argument("--sweep", action="store_true", help="also a latency sweep against it")
-    p.add_argument("--rate", type=float, default=50.0)
-    p.add_argument("--sweep-start", type=float, default=5.0)
-    p.add_argument("--sweep-target-ms", type=float, default=5.0)
-    p.add_argument("--sweep-factor", type=float, default=1.5)
-    p.add_argument("--sweep-max", type=float, default=20000.0)
-    p.add_argument("--step-duration", type=float, default=5.0)
+    p.add_argument("--rate", type=float, default=50.0, help="latency run: publishes per s")
+    _sweep_args(p)
     p = sub.add_parser("all", help="idle, fanout, latency --sweep and ceiling with defaults")
     _common(p)
     return ap
@@ -145,18 +145,21 @@ def options(a: argparse.Namespace) -> sc.Options:
 
 
 def _latency(opts: sc.Options, a: argparse.Namespace, sweep: bool, kind: str) -> sc.Report:
+    sw = sc.Sweep(
+        start=a.sweep_start,
+        target_ms=a.sweep_target_ms,
+        stop_ms=a.sweep_stop_ms,
+        factor=a.sweep_factor,
+        max_rate=a.sweep_max,
+        step_duration=a.step_duration,
+    )
     return sc.latency(
         opts,
         subs=a.subs,
         rate=a.rate,
         duration=a.duration,
         size=a.size,
-        sweep=sweep,
-        sweep_start=a.sweep_start,
-        sweep_target_ms=a.sweep_target_ms,
-        sweep_factor=a.sweep_factor,
-        sweep_max=a.sweep_max,
-        step_duration=a.step_duration,
+        sweep=sw if sweep else None,
         kind=kind,
     )
 

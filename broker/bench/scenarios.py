@@ -573,18 +573,29 @@ def _latency_step(
     }
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """Raise the rate geometrically from `start`; find where p99 first passes `target_ms`.
+
+    It goes on past that point (to show the curve) until p99 passes `stop_ms`, a step loses
+    or disconnects anything (overload), or the rate would pass `max_rate`.
+    """
+
+    start: float = 5.0
+    target_ms: float = 5.0
+    stop_ms: float = 50.0
+    factor: float = 1.5
+    max_rate: float = 20000.0
+    step_duration: float = 5.0
+
+
 def latency(
     opts: Options,
     subs: int,
     rate: float,
     duration: float,
     size: int,
-    sweep: bool,
-    sweep_start: float,
-    sweep_target_ms: float,
-    sweep_factor: float,
-    sweep_max: float,
-    step_duration: float,
+    sweep: Sweep | None,
     kind: str = "broker",
 ) -> Report:
     with open_target(opts, kind) as t:
@@ -599,22 +610,9 @@ def latency(
                 steps: list[dict[str, Number]] = []
                 results: dict[str, Number] = {"subs_ready": ready, **first}
                 results.pop("rate")
-                if sweep:
-                    r = sweep_start
-                    under: float | None = None
-                    over: float | None = None
-                    while r <= sweep_max:
-                        step = _latency_step(t, opts, load, pub, ready, r, step_duration)
-                        pub.seq = 0
-                        steps.append(step)
-                        p99 = step["p99_ms"]
-                        if p99 is None or p99 > sweep_target_ms or step["disconnected"]:
-                            over = r
-                            break
-                        under = r
-                        r = float(max(r + 1, round(r * sweep_factor)))
-                    results["sweep_last_rate_p99_under_target"] = under
-                    results["sweep_rate_p99_over_target"] = over
+                if sweep is not None:
+                    steps = _sweep(t, opts, load, pub, ready, sweep)
+                    results.update(_sweep_summary(steps, sweep.target_ms))
             finally:
                 pub.close()
     params = _params(
@@ -624,15 +622,44 @@ def latency(
         rate=rate,
         duration_s=duration,
         payload_bytes=size,
-        sweep=sweep,
-        sweep_start=sweep_start if sweep else None,
-        sweep_target_ms=sweep_target_ms if sweep else None,
-        sweep_factor=sweep_factor if sweep else None,
-        step_duration_s=step_duration if sweep else None,
         procs=len(load.procs),
+        **({f"sweep_{k}": v for k, v in vars(sweep).items()} if sweep else {}),
     )
     name = "ceiling-latency" if t.server == "trivial" else "latency"
     return Report(name, params, results, steps=steps)
+
+
+def _sweep(
+    t: Target, opts: Options, load: Load, pub: Publisher, ready: int, sw: Sweep
+) -> list[dict[str, Number]]:
+    steps: list[dict[str, Number]] = []
+    r = sw.start
+    while r <= sw.max_rate:
+        step = _latency_step(t, opts, load, pub, ready, r, sw.step_duration)
+        pub.seq = 0
+        steps.append(step)
+        p99 = step["p99_ms"]
+        if p99 is None or p99 > sw.stop_ms or step["lost"] or step["disconnected"]:
+            break
+        r = float(max(r + 1, round(r * sw.factor)))
+    return steps
+
+
+def _sweep_summary(steps: list[dict[str, Number]], target_ms: float) -> dict[str, Number]:
+    """The last rate of the unbroken run of steps under the target, and the first over it."""
+    under: Number = None
+    over: Number = None
+    for step in steps:
+        p99 = step["p99_ms"]
+        if p99 is None or p99 > target_ms or step["lost"] or step["disconnected"]:
+            over = step["rate"]
+            break
+        under = step["rate"]
+    return {
+        "sweep_last_rate_p99_under_target": under,
+        "sweep_first_rate_p99_over_target": over,
+        "sweep_highest_rate_run": steps[-1]["rate"] if steps else None,
+    }
 
 
 def check_size(size: int) -> None:

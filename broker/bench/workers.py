@@ -262,6 +262,7 @@ class Worker:
             self._drop(c)
             self.closed_after_ready += 1
             return 0
+        now = time.monotonic_ns()  # the receive time of every delivery in this read
         end = p + n
         r = wire.scan(self.buf, end, self.want_stamps, self.fast)
         c.pend = bytes(self.buf[r.keep : end]) if r.keep < end else b""
@@ -270,7 +271,6 @@ class Worker:
                 c.sock.send(wire.client_frame(ping, wire.OP_PONG))
         if r.count:
             self.delivered += r.count
-            now = time.monotonic_ns()
             self.last_ns = now
             if r.stamps:
                 hist = self.hist
