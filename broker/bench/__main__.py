@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -236,9 +237,15 @@ def document(reports: list[sc.Report], argv: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop what we started (by PID)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         opts = options(a)
         if opts.load_cpu is not None:

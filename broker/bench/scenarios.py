@@ -284,6 +284,21 @@ def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[st
     return out
 
 
+def slow_iterations(before: dict[str, float], after: dict[str, float]) -> dict[str, Number]:
+    """Loop iterations whose busy time passed ~8, ~17 and ~34 ms (the broker's histogram)."""
+    name = "broker_loop_iteration_seconds"
+    total = f"{name}_count"
+    if total not in before or total not in after:
+        return {}
+    count = after[total] - before[total]
+    out: dict[str, Number] = {"broker_iterations": int(count)}
+    for ms_label, le in (("8ms", "0.008388608"), ("17ms", "0.016777216"), ("34ms", "0.033554432")):
+        key = f'{name}_bucket{{le="{le}"}}'
+        if key in before and key in after:
+            out[f"broker_iterations_over_{ms_label}"] = int(count - (after[key] - before[key]))
+    return out
+
+
 def broker_metric(ep: tg.Endpoint, name: str) -> float | None:
     return broker_metrics(ep).get(name)
 
@@ -531,6 +546,7 @@ def _latency_step(
 ) -> dict[str, Number]:
     _quiet(opts)
     load.start(True, 0.0)
+    m0 = broker_metrics(t.endpoint)
     noise = tg.OtherCpu()
     b0 = proc_cpu(t.pid)
     w0 = time.monotonic()
@@ -558,6 +574,7 @@ def _latency_step(
     b1 = proc_cpu(t.pid)
     other = noise.cpus(_ours(t))
     stats = load.stop()
+    slow = slow_iterations(m0, broker_metrics(t.endpoint))
     return {
         "rate": rate,
         "published": published,
@@ -570,6 +587,7 @@ def _latency_step(
         "samples": sum(stats.hist.values()),
         "broker_cpu_pct": pct(b0, b1, wall),
         "other_cpu": other,
+        **slow,
     }
 
 

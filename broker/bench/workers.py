@@ -198,7 +198,11 @@ class Worker:
         nxt = s.first
         stop = s.first + s.count
         deadline = time.monotonic() + s.conn_timeout
-        while self.ready + self.failed < s.count and time.monotonic() < deadline:
+        while (
+            self.ready + self.failed < s.count
+            and time.monotonic() < deadline
+            and os.getppid() == self.parent
+        ):
             inflight = len(self.conns) - self.ready
             while inflight < s.conc and nxt < stop:
                 self._start(nxt)

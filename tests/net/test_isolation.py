@@ -7,7 +7,9 @@ router; the sockets, frames and clients are real.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 
 from broker.config import Config
 from broker.errors import Closed
+from broker.pubsub.http_api import HttpApi
 from broker.pubsub.router import Router
 from broker.server import Server
 from tests.wsraw import RawWs
@@ -68,3 +71,24 @@ def test_exception_closes_only_that_connection(
     finally:
         victim.close()
         bystander.close()
+
+
+def test_exception_in_an_http_route_answers_500(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def faulty(self: HttpApi, req: Any) -> None:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(HttpApi, "handle", faulty)
+    port = server.listener.address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = b""
+        while chunk := s.recv(4096):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 500 ")
+    assert server.stats.internal_errors == 1
+    deadline = time.monotonic() + 5  # counted once the broker sees our side close too
+    while server.stats.closed[Closed.INTERNAL_ERROR] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.stats.closed[Closed.INTERNAL_ERROR] == 1
