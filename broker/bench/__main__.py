@@ -36,6 +36,20 @@ TARGETS = {
 }
 
 
+STEP_COLUMNS = (
+    "rate",
+    "published",
+    "lost",
+    "p50_ms",
+    "p99_ms",
+    "max_ms",
+    "broker_cpu_pct",
+    "loadgen_cpu_pct",
+    "other_cpu",
+    "broker_iterations_over_8ms",
+)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("target and load placement")
     g.add_argument(
@@ -94,6 +108,12 @@ def _latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=50.0, help="publishes per second")
     p.add_argument("--duration", type=float, default=10.0, help="seconds at --rate")
     p.add_argument("--size", type=int, default=64)
+    p.add_argument(
+        "--rx-tick-ms",
+        type=float,
+        default=0.0,
+        help="pause after sweeps of small reads (0: read as soon as epoll reports; adds bias)",
+    )
     _sweep_args(p)
 
 
@@ -162,6 +182,7 @@ def _latency(opts: sc.Options, a: argparse.Namespace, sweep: bool, kind: str) ->
         size=a.size,
         sweep=sw if sweep else None,
         kind=kind,
+        tick=a.rx_tick_ms / 1000.0 if kind == "broker" else 0.0,
     )
 
 
@@ -212,7 +233,8 @@ def render(r: sc.Report) -> str:
     width = max((len(k) for k in r.results), default=10)
     lines += [f"   {k:<{width}}  {_fmt(v):>14}" for k, v in r.results.items()]
     if r.steps:
-        cols = list(r.steps[0])
+        # the table keeps the columns a reader compares; the JSON has every field
+        cols = [c for c in STEP_COLUMNS if c in r.steps[0]]
         widths = [max(len(c), *(len(_fmt(s[c])) for s in r.steps)) for c in cols]
         lines.append("   " + "  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
         for s in r.steps:

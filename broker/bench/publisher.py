@@ -70,10 +70,10 @@ class Publisher:
                 raise BenchError("publisher: connection closed by the server")
             self.rx += chunk
             self.errors += wire.count_errors(self.rx)
-            r = wire.scan(self.rx, len(self.rx), False)
-            for ping in r.pings:
+            _count, _stamps, keep, pings = wire.scan(self.rx, len(self.rx), False)
+            for ping in pings:
                 self.sock.sendall(wire.client_frame(ping, wire.OP_PONG))
-            del self.rx[: r.keep]
+            del self.rx[:keep]
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

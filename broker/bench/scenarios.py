@@ -543,12 +543,14 @@ def _latency_step(
     ready: int,
     rate: float,
     duration: float,
+    tick: float,
 ) -> dict[str, Number]:
     _quiet(opts)
-    load.start(True, 0.0)
+    load.start(True, tick)
     m0 = broker_metrics(t.endpoint)
     noise = tg.OtherCpu()
-    b0 = proc_cpu(t.pid)
+    mine = [os.getpid(), *load.pids()]
+    b0, l0 = proc_cpu(t.pid), tg.cpu_seconds(mine)
     w0 = time.monotonic()
     interval = 1.0 / rate
     t0 = time.monotonic()
@@ -571,7 +573,7 @@ def _latency_step(
     published = pub.seq
     _drain(load, published * ready, idle_s=2.0, max_s=30.0)
     wall = time.monotonic() - w0
-    b1 = proc_cpu(t.pid)
+    b1, l1 = proc_cpu(t.pid), tg.cpu_seconds(mine)
     other = noise.cpus(_ours(t))
     stats = load.stop()
     slow = slow_iterations(m0, broker_metrics(t.endpoint))
@@ -586,6 +588,7 @@ def _latency_step(
         "max_ms": ms(float(max(stats.hist)) if stats.hist else None),
         "samples": sum(stats.hist.values()),
         "broker_cpu_pct": pct(b0, b1, wall),
+        "loadgen_cpu_pct": pct(l0, l1, wall),
         "other_cpu": other,
         **slow,
     }
@@ -615,6 +618,7 @@ def latency(
     size: int,
     sweep: Sweep | None,
     kind: str = "broker",
+    tick: float = 0.0,
 ) -> Report:
     with open_target(opts, kind) as t:
         load, conn = connect_load(t, subs, "bench.latency", opts)
@@ -623,13 +627,13 @@ def latency(
             time.sleep(1.0)
             pub = Publisher(t.endpoint, "bench.latency", size)
             try:
-                first = _latency_step(t, opts, load, pub, ready, rate, duration)
+                first = _latency_step(t, opts, load, pub, ready, rate, duration, tick)
                 pub.seq = 0
                 steps: list[dict[str, Number]] = []
                 results: dict[str, Number] = {"subs_ready": ready, **first}
                 results.pop("rate")
                 if sweep is not None:
-                    steps = _sweep(t, opts, load, pub, ready, sweep)
+                    steps = _sweep(t, opts, load, pub, ready, sweep, tick)
                     results.update(_sweep_summary(steps, sweep.target_ms))
             finally:
                 pub.close()
@@ -640,6 +644,7 @@ def latency(
         rate=rate,
         duration_s=duration,
         payload_bytes=size,
+        rx_tick_ms=tick * 1000,
         procs=len(load.procs),
         **({f"sweep_{k}": v for k, v in vars(sweep).items()} if sweep else {}),
     )
@@ -648,12 +653,12 @@ def latency(
 
 
 def _sweep(
-    t: Target, opts: Options, load: Load, pub: Publisher, ready: int, sw: Sweep
+    t: Target, opts: Options, load: Load, pub: Publisher, ready: int, sw: Sweep, tick: float
 ) -> list[dict[str, Number]]:
     steps: list[dict[str, Number]] = []
     r = sw.start
     while r <= sw.max_rate:
-        step = _latency_step(t, opts, load, pub, ready, r, sw.step_duration)
+        step = _latency_step(t, opts, load, pub, ready, r, sw.step_duration, tick)
         pub.seq = 0
         steps.append(step)
         p99 = step["p99_ms"]

@@ -134,16 +134,9 @@ def publish_body(topic: bytes, payload: bytes) -> bytes:
     return b'{"op":"publish","topic":"' + topic + b'","data":"' + payload + b'"}'
 
 
-class ScanResult:
-    """What one receive buffer held: payload markers, stamps, pings, and where to resume."""
-
-    __slots__ = ("count", "keep", "pings", "stamps")
-
-    def __init__(self, count: int, stamps: list[bytes], keep: int, pings: list[bytes]) -> None:
-        self.count = count
-        self.stamps = stamps
-        self.keep = keep
-        self.pings = pings
+# (count, stamps, keep, pings): a plain tuple, since building a class instance per recv
+# cost 0.4 us, a fifth of the whole scan, in the latency reader's hot path
+ScanResult = tuple[int, list[bytes], int, list[bytes]]
 
 
 def scan(buf: bytearray, end: int, want_stamps: bool, fast: bool = False) -> ScanResult:
@@ -182,7 +175,7 @@ def scan(buf: bytearray, end: int, want_stamps: bool, fast: bool = False) -> Sca
         k = buf.find(b"\x89", k + 1, end)
     if want_stamps:
         stamps: list[bytes] = _STAMP_RE.findall(buf, 0, keep)
-        return ScanResult(len(stamps), stamps, keep, pings)
+        return len(stamps), stamps, keep, pings
     if fast:
-        return ScanResult(buf.count(b"#", 0, keep) - ping_hashes, [], keep, pings)
-    return ScanResult(buf.count(MARKER, 0, keep), [], keep, pings)
+        return buf.count(b"#", 0, keep) - ping_hashes, [], keep, pings
+    return buf.count(MARKER, 0, keep), [], keep, pings

@@ -27,11 +27,11 @@ def feed(
     for chunk in chunks:
         data = pend + chunk
         buf[: len(data)] = data
-        r = wire.scan(buf, len(data), want_stamps, fast)
-        count += r.count
-        stamps += r.stamps
-        pings += r.pings
-        pend = bytes(buf[r.keep : len(data)])
+        n, found, keep, seen = wire.scan(buf, len(data), want_stamps, fast)
+        count += n
+        stamps += found
+        pings += seen
+        pend = bytes(buf[keep : len(data)])
     return count, stamps, pings
 
 
