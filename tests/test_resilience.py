@@ -28,21 +28,12 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def slow_subscriber(broker: BrokerProcess, topic: str) -> socket.socket:
+def slow_subscriber(raw_ws: Ws, broker: BrokerProcess, topic: str) -> RawWs:
     """A subscriber with a tiny receive window that never reads after its ack."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", broker.port))
-    c = RawWs.__new__(RawWs)
-    c.sock, c.buf = s, b""
-    s.sendall(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    c._read_until(b"\r\n\r\n")
+    c = raw_ws(broker, rcvbuf=4096)
     c.send_json({"op": "subscribe", "topic": topic, "id": 1})
     assert c.recv_json() == {"op": "ack", "id": 1}
-    return s
+    return c
 
 
 def run_readers(broker: BrokerProcess, n: int, topic: str, expect: int) -> list[list[int]]:
@@ -93,7 +84,7 @@ def test_slow_consumer_beside_normal_subscribers(
     broker_factory: Callable[..., BrokerProcess], raw_ws: Ws, policy: str
 ) -> None:
     broker = broker_factory("--outbound-high-water", "65536", "--slow-consumer-policy", policy)
-    slow = slow_subscriber(broker, "feed")
+    slow = slow_subscriber(raw_ws, broker, "feed")
     count, size = 3000, 1000  # 3 MB per subscriber, 45x the high-water mark
     results = run_readers(broker, 3, "feed", count)
     rss_before = rss_bytes(broker.pid)
@@ -109,24 +100,19 @@ def test_slow_consumer_beside_normal_subscribers(
     if policy == "disconnect":
         # Reading now (within the close timeout), it finds the frames it was owed, then a
         # close 1008 "slow consumer".
-        c = RawWs.__new__(RawWs)
-        c.sock, c.buf = slow, b""
-        slow.settimeout(10)
-        assert c.expect_close() == (1008, "slow consumer")
-        assert c.at_eof()
+        slow.sock.settimeout(10)
+        assert slow.expect_close() == (1008, "slow consumer")
+        assert slow.at_eof()
         closed = broker.wait_metric(
             "broker_connections_closed_total", 'reason="slow_consumer"', equals=1
         )
         assert closed == 1
     else:
         # Still connected; reading what it was given shows the gap in seq.
-        c = RawWs.__new__(RawWs)
-        c.sock, c.buf = slow, b""
-        slow.settimeout(10)
-        seqs = [c.recv_json()["seq"] for _ in range(20)]
+        slow.sock.settimeout(10)
+        seqs = [slow.recv_json()["seq"] for _ in range(20)]
         assert seqs == list(range(1, 21))
         assert broker.metric("broker_connections") >= 2
-    slow.close()
 
 
 def test_garbage_and_abrupt_disconnects_leave_no_trace(broker: BrokerProcess, raw_ws: Ws) -> None:
@@ -194,8 +180,7 @@ def test_five_thousand_concurrent_connections(broker: BrokerProcess) -> None:
     socks = handshake_all(broker.port, n)
     try:
         for i, s in enumerate(socks):
-            c = RawWs.__new__(RawWs)
-            c.sock, c.buf = s, b""
+            c = RawWs.adopt(s)
             c._read_until(b"\r\n\r\n")
             assert c.recv_json() == {"op": "ack", "id": i}
             socks[i] = c  # type: ignore[call-overload]

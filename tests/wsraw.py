@@ -37,8 +37,20 @@ def encode_frame(
 
 
 class RawWs:
-    def __init__(self, port: int, *, subprotocol: str | None = None, timeout: float = 5.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(
+        self,
+        port: int,
+        *,
+        subprotocol: str | None = None,
+        timeout: float = 5.0,
+        rcvbuf: int | None = None,
+    ):
+        """Connect and complete the handshake. `rcvbuf` shrinks the receive window before the
+        connection exists (a client that stops reading then stalls the broker quickly)."""
+        self.sock = socket.socket()
+        self.sock.settimeout(timeout)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.buf = b""
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
@@ -52,6 +64,7 @@ class RawWs:
         if subprotocol:
             lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
         try:
+            self.sock.connect(("127.0.0.1", port))
             self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
             head = self._read_until(b"\r\n\r\n")
         except OSError:
@@ -60,6 +73,13 @@ class RawWs:
         self.status = int(head.split(b" ", 2)[1])
         self.headers = head.decode()
         assert self.status == 101, head
+
+    @classmethod
+    def adopt(cls, sock: socket.socket) -> RawWs:
+        """Wrap a socket whose handshake the caller sent itself (e.g. pipelined)."""
+        c = cls.__new__(cls)
+        c.sock, c.buf = sock, b""
+        return c
 
     def _read_until(self, marker: bytes) -> bytes:
         while marker not in self.buf:

@@ -44,20 +44,11 @@ def test_frames_of_one_iteration_leave_in_one_send(broker: BrokerProcess, raw_ws
     assert sends <= 10, f"{sends} sends for 200 deliveries: writes are not coalesced"
 
 
-def test_backpressure_arms_epollout(broker_factory: Callable[..., BrokerProcess]) -> None:
-    import socket
-
+def test_backpressure_arms_epollout(
+    broker_factory: Callable[..., BrokerProcess], raw_ws: Ws
+) -> None:
     broker = broker_factory("--outbound-high-water", str(64 << 20))
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", broker.port))
-    c = RawWs.__new__(RawWs)
-    c.sock, c.buf = s, b""
-    s.sendall(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    c._read_until(b"\r\n\r\n")
+    c = raw_ws(broker, rcvbuf=4096)
     c.send_json({"op": "subscribe", "topic": "b", "id": 1})
     assert c.recv_json() == {"op": "ack", "id": 1}
     big = "x" * 100_000
@@ -68,14 +59,13 @@ def test_backpressure_arms_epollout(broker_factory: Callable[..., BrokerProcess]
     while broker.metric("broker_backpressure_total") == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert broker.metric("broker_backpressure_total") >= 1
-    s.settimeout(10)
+    c.sock.settimeout(10)
     assert broker.metric("broker_outbound_queued_bytes") > 0
     total, want = 0, count * 100_000
     while total < want:  # reading drains the queue through EPOLLOUT
         total += c.recv_json()["data"].count("x")
     assert broker.metric("broker_epoll_events_total", 'kind="out"') >= 1
     assert broker.wait_metric("broker_outbound_queued_bytes", equals=0) == 0
-    s.close()
 
 
 def test_configuration_from_environment_and_flags(
