@@ -17,11 +17,9 @@ from typing import Any
 
 import pytest
 from broker_client import Client
+from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.conftest import ARTIFACTS, REPO, BrokerProcess
-
-playwright = pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -35,14 +33,11 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="Debian chromium missing (scripts/test.sh installs it)"
-)
-
 
 @pytest.fixture
 def page(tmp_path: Path) -> Iterator[Page]:
     """A page in a fresh Chromium profile; console errors are collected on `page.errors`."""
+    assert CHROMIUM.exists(), "Debian chromium is missing: scripts/test.sh installs it"
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(tmp_path / "profile"),
