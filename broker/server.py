@@ -185,7 +185,7 @@ class Server:
             "broker_connections": self.connections,
             "broker_subscriptions": self.router.sublist.subscriptions,
             "broker_topics": self.router.sublist.patterns,
-            "broker_outbound_queued_bytes": sum(len(c.out) for c in self._connections()),
+            "broker_outbound_queued_bytes": sum(c.queued for c in self._connections()),
             "broker_uptime_seconds": time.time() - self.stats.started,
         }
 

@@ -250,8 +250,9 @@ class Connection(Session):
         out = self.out
         if not out or self.state == CLOSED:
             return
+        data = out[0] if len(out) == 1 else b"".join(out)
         try:
-            sent = self.sock.send(out)
+            sent = self.sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
@@ -260,8 +261,9 @@ class Connection(Session):
         stats = self.server.stats
         stats.sends += 1
         stats.bytes_sent += sent
-        if sent == len(out):
+        if sent == len(data):
             out.clear()
+            self.queued = 0
             self.slow = False
             if self.mask == READING and self.state == OPEN:
                 return  # the steady state: nothing to change (the common case, kept cheap)
@@ -269,8 +271,11 @@ class Connection(Session):
                 self._linger()
                 return
         else:
-            del out[:sent]
-            if self.slow and len(out) <= self.server.config.outbound_high_water // 2:
+            # Keep the unsent tail as a view: no copy now, and the next join copies it once.
+            rest = memoryview(data)[sent:]
+            out[:] = [rest]
+            self.queued = len(rest)
+            if self.slow and self.queued <= self.server.config.outbound_high_water // 2:
                 self.slow = False
         self.update_interest()
 
@@ -278,7 +283,7 @@ class Connection(Session):
         """Ask epoll for what this state needs; `modify` only when it changed."""
         state = self.state
         want = EPOLLRDHUP
-        if state != DRAINING and len(self.out) <= self.server.config.outbound_high_water:
+        if state != DRAINING and self.queued <= self.server.config.outbound_high_water:
             want |= EPOLLIN
         if self.out:
             want |= EPOLLOUT
@@ -341,7 +346,8 @@ class Connection(Session):
         self.server.loop.unregister(self.fd)
         self.sock.close()
         self.server.router.drop(self)
-        self.out = bytearray()
+        self.out = []
+        self.queued = 0
         self.ws = None
         self.http = None
         self.partial = None

@@ -74,9 +74,10 @@ class Router:
     def reply(self, session: Session, frame: bytes) -> None:
         # Replies are not subject to the high-water mark: the loop stops reading a session that
         # is over it, so its own requests cannot grow the buffer without bound.
-        if not session.out:
+        if not session.queued:
             self.dirty.append(session)
-        session.out += frame
+        session.out.append(frame)
+        session.queued += len(frame)
 
     def _check_rate(self, session: Session) -> None:
         rate = self.config.publish_rate
@@ -156,22 +157,23 @@ class Router:
         return delivered
 
     def _fan_out(self, subs: tuple[Session, ...], frame: bytes) -> int:
-        """The hot loop: one append per subscriber, nothing allocated per delivery."""
+        """The hot loop: one append of the shared frame per subscriber, nothing copied."""
         high_water = self.config.outbound_high_water
         dirty = self.dirty
+        size = len(frame)
         dropped = 0
         for session in subs:
-            out = session.out
-            size = len(out)
-            if not size:
+            queued = session.queued
+            if not queued:
                 dirty.append(session)
-            elif size > high_water:
+            elif queued > high_water:
                 dropped += 1
                 if not session.slow:
                     session.slow = True
                     self.over.append(session)
                 continue
-            out += frame
+            session.out.append(frame)
+            session.queued = queued + size
         if dropped:
             self.stats.dropped["slow_consumer"] += dropped
         return len(subs) - dropped
