@@ -92,22 +92,23 @@ class Server:
         self.connections -= 1
         self.stats.closed[reason] += 1
 
-    def internal_error(self, conn: Connection, exc: BaseException, respond: bool = True) -> None:
-        """A bug while serving `conn`: log (rate-limited), count, close it with 1011 (unless
-        the caller answers it itself)."""
+    def internal_error(self, conn: Connection, exc: BaseException) -> None:
+        """A bug while serving `conn`: report it and close that connection with 1011."""
+        self.report_bug(conn, exc)
+        try:
+            conn.close(Closed.INTERNAL_ERROR, "internal error")
+        except Exception:
+            conn.reason = Closed.INTERNAL_ERROR
+            conn.abort(Closed.INTERNAL_ERROR)
+
+    def report_bug(self, conn: Connection, exc: BaseException) -> None:
+        """Count a bug and log it (at most INTERNAL_ERROR_LOGS_PER_MINUTE a minute)."""
         self.stats.internal_errors += 1
         now = time.monotonic()
         times = self._error_log_times = [t for t in self._error_log_times if now - t < 60]
         if len(times) < INTERNAL_ERROR_LOGS_PER_MINUTE:
             times.append(now)
             log.error("error serving connection fd=%d, closing it", conn.fd, exc_info=exc)
-        if not respond:
-            return
-        try:
-            conn.close(Closed.INTERNAL_ERROR, "internal error")
-        except Exception:
-            conn.reason = Closed.INTERNAL_ERROR
-            conn.abort(Closed.INTERNAL_ERROR)
 
     def _connections(self) -> list[Connection]:
         return [c for c in self.loop.table.slots if type(c) is Connection]

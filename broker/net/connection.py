@@ -45,10 +45,8 @@ READING = EPOLLIN | EPOLLRDHUP  # the mask of an open connection with nothing pe
 
 # wsproto reports a frame violation as a CloseConnection with the RFC code to send.
 _VIOLATIONS = {1007: Closed.INVALID_UTF8, 1009: Closed.TOO_LARGE}
-NO_STATUS = 1005
-_CLOSE = (
-    (b"connection", b"close"),
-)  # "no status code was present" (section 7.4.1): never sent on the wire
+NO_STATUS = 1005  # "no status code was present" (section 7.4.1): never sent on the wire
+_CLOSE = ((b"connection", b"close"),)
 
 
 class Connection(Session):
@@ -202,7 +200,7 @@ class Connection(Session):
                 try:
                     resp = server.api.handle(req)
                 except Exception as exc:  # a bug: answer 500 and close this connection only
-                    server.internal_error(self, exc, respond=False)
+                    server.report_bug(self, exc)
                     self.queue(http.respond(500, b"internal error\n", headers=_CLOSE))
                     self.reason = Closed.INTERNAL_ERROR
                     self._drain()
