@@ -1,7 +1,8 @@
 """Plain HTTP on the broker's port: health, metrics, stats, publish, and the live page.
 
 Sans-IO: a parsed request in, (status, content type, body) out. `/ws` never gets here; the
-connection hands it to the WebSocket handshake. Routes:
+connection hands it to the WebSocket handshake. Routes (every GET route answers HEAD too, with
+the same headers and no body):
 
     GET  /healthz           200 "ok"
     GET  /metrics           Prometheus text, generated on request
@@ -68,8 +69,9 @@ class HttpApi:
             if method != b"POST":
                 return Response(405, b"use POST\n", headers=((b"allow", b"POST"),))
             return self._publish(path[len("/publish/") :], req)
-        if method != b"GET":
-            return Response(405, b"method not allowed\n", headers=((b"allow", b"GET"),))
+        # HEAD is GET without the body (RFC 9110 section 9.3.2); the exchange leaves the body out.
+        if method not in (b"GET", b"HEAD"):
+            return Response(405, b"method not allowed\n", headers=((b"allow", b"GET, HEAD"),))
         if path == "/healthz":
             return Response(200, b"ok")
         if path == "/metrics":

@@ -113,7 +113,12 @@ class HttpExchange:
         content_type: bytes = b"text/plain; charset=utf-8",
         headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> bytes:
-        """The whole response; afterwards the exchange is ready for the next request or closing."""
+        """The whole response; afterwards the exchange is ready for the next request or closing.
+
+        The answer to a HEAD request carries the headers (Content-Length included) and no body
+        (RFC 9110 section 9.3.2); h11 refuses to send one, so it is left out here, for every
+        status, refusals included.
+        """
         hdrs = [
             (b"content-type", content_type),
             (b"content-length", str(len(body)).encode()),
@@ -127,10 +132,15 @@ class HttpExchange:
             out = self._h11.send(response) or b""
         except h11.LocalProtocolError:
             # h11 is in an error state (a malformed request): write the response by hand.
-            return _plain_response(status, body, hdrs)
-        out += self._h11.send(h11.Data(data=body)) or b""
+            return _plain_response(status, b"" if self._head else body, hdrs)
+        if not self._head:
+            out += self._h11.send(h11.Data(data=body)) or b""
         out += self._h11.send(h11.EndOfMessage()) or b""
         return out
+
+    @property
+    def _head(self) -> bool:
+        return self._request is not None and self._request.method == b"HEAD"
 
     @property
     def must_close(self) -> bool:
@@ -140,6 +150,7 @@ class HttpExchange:
         """Ready the connection for the next request (keep-alive); False if it must close."""
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
+            self._request = None
             return True
         return False
 

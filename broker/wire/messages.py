@@ -14,6 +14,7 @@ tokens and only allowed where a pattern is: subscribe and unsubscribe, never pub
 from __future__ import annotations
 
 import base64
+import math
 import re
 from typing import Any, NamedTuple
 
@@ -79,9 +80,7 @@ def parse_request(payload: str | bytes, binary: bool) -> Request:
     if not isinstance(msg, dict):
         raise RequestError(ErrorCode.BAD_REQUEST, "a request must be an object")
     req_id = msg.get("id")
-    if req_id is not None and (
-        type(req_id) not in (int, float, str) or (type(req_id) is int and req_id.bit_length() > 63)
-    ):
+    if req_id is not None and not _valid_id(req_id):
         raise RequestError(ErrorCode.BAD_REQUEST, "id must be a number or a string")
     op = msg.get("op")
     try:
@@ -99,6 +98,17 @@ def parse_request(payload: str | bytes, binary: bool) -> Request:
     except RequestError as exc:
         exc.request_id = req_id
         raise
+
+
+def _valid_id(req_id: object) -> bool:
+    """An id every encoding can echo: a 63-bit integer, a finite float (msgpack can carry
+    infinities, JSON cannot) or a string (codec.decode has refused lone surrogates)."""
+    kind = type(req_id)
+    if kind is int:
+        return isinstance(req_id, int) and req_id.bit_length() <= 63
+    if kind is float:
+        return isinstance(req_id, float) and math.isfinite(req_id)
+    return kind is str
 
 
 def _with_id(reply: dict[str, Any], req_id: object) -> dict[str, Any]:

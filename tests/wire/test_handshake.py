@@ -132,3 +132,47 @@ def test_garbage_is_a_request_none_or_handshake_error(data: bytes) -> None:
     except HandshakeError as exc:
         assert 400 <= exc.status < 500
         ex.respond(exc.status, b"")
+
+
+def _head_and_body(response: bytes) -> tuple[dict[bytes, bytes], bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")[1:]
+    return dict(line.lower().split(b": ", 1) for line in lines), body
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        # A HEAD "upgrade": refused like any non-GET, and h11 forbids a body after HEAD.
+        (upgrade_request().replace(b"GET ", b"HEAD ", 1), 400),
+        (b"HEAD /publish/a HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n", 413),
+    ],
+)
+def test_refusals_of_head_requests_have_no_body(raw: bytes, status: int) -> None:
+    ex = HttpExchange(10)
+    try:
+        req = ex.receive(raw)
+        assert req is not None
+        ex.accept_upgrade(req)
+    except HandshakeError as exc:
+        assert exc.status == status
+        response = ex.respond(exc.status, b"refused\n", headers=exc.headers)
+    else:
+        raise AssertionError("accepted")
+    assert response.startswith(b"HTTP/1.1 %d " % status)
+    headers, body = _head_and_body(response)
+    assert body == b""
+    assert headers[b"content-length"] == b"8"  # what a GET would have carried
+
+
+def test_head_keeps_the_connection_and_the_next_response_follows_the_headers() -> None:
+    ex = HttpExchange(1024)
+    req = ex.receive(b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert req is not None and req.method == b"HEAD"
+    first = ex.respond(200, b"hello")
+    assert first.endswith(b"\r\n\r\n")
+    assert _head_and_body(first)[0][b"content-length"] == b"5"
+    assert ex.next_cycle()
+    second = ex.next_request()
+    assert second is not None and second.method == b"GET"
+    assert ex.respond(200, b"hello").endswith(b"\r\n\r\nhello")  # GET after HEAD: body again

@@ -169,3 +169,103 @@ def test_frame_lengths(n: int) -> None:
     assert raw[0] == 0x82
     assert raw[1] & 0x80 == 0
     assert _unframe(raw) == b"x" * n
+
+
+def nested(depth: int, leaf: Any = 0) -> Any:
+    """`depth` levels of arrays around `leaf` (built without recursion)."""
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ('{"op":"ping","id":1e999}', "out of range"),
+        ('{"op":"ping","id":-1e999}', "out of range"),
+        ('{"op":"publish","topic":"a","data":{"x":[1, 1e400]}}', "out of range"),
+        ('{"op":"ping","id":"\\ud800"}', "lone surrogate"),
+        ('{"op":"ping","id":"a\\udfffb"}', "lone surrogate"),
+        ('{"op":"publish","topic":"a","data":{"\\udc00":1}}', "lone surrogate"),
+        ('{"op":"publish","topic":"a","data":["ok", ["\\uD83D"]]}', "lone surrogate"),
+        ('{"op":"publish","topic":"a","data":' + json.dumps(nested(128)) + "}", "deeper"),
+    ],
+)
+def test_values_no_encoding_can_echo_are_bad_requests(payload: str, fragment: str) -> None:
+    with pytest.raises(RequestError, match=fragment) as err:
+        parse_request(payload, binary=False)
+    assert err.value.code is ErrorCode.BAD_REQUEST
+    assert err.value.request_id is None  # unreadable: the error reply echoes nothing
+
+
+def test_what_decode_accepts_at_the_limits() -> None:
+    # 127 levels of data inside the request object: 128 in all, the limit.
+    text = '{"op":"publish","topic":"a","data":' + json.dumps(nested(127)) + "}"
+    deep = parse_request(text, binary=False)
+    assert deep.data == nested(127)
+    pair = parse_request('{"op":"ping","id":"\\ud83d\\ude00"}', binary=False)  # a valid pair
+    assert pair.id == "\U0001f600"
+    assert parse_request('{"op":"ping","id":1e308}', binary=False).id == 1e308
+    # Many containers side by side are not deep.
+    wide = parse_request(json.dumps({"op": "publish", "topic": "a", "data": [[]] * 1000}), False)
+    assert wide.data == [[]] * 1000
+
+
+def test_msgpack_depth_and_non_finite_ids() -> None:
+    ok = msgpack.packb({"op": "publish", "topic": "a", "data": nested(127)})
+    assert parse_request(ok, binary=True).data == nested(127)
+    too_deep = msgpack.packb({"op": "publish", "topic": "a", "data": nested(128)})
+    with pytest.raises(RequestError, match="deeper"):
+        parse_request(too_deep, binary=True)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(RequestError, match="id must be"):
+            parse_request(msgpack.packb({"op": "ping", "id": bad}), binary=True)
+    # Non-finite data is msgpack's to carry; JSON connections never see it (EncodeError).
+    inf = parse_request(msgpack.packb({"op": "publish", "topic": "a", "data": [1e999]}), True)
+    with pytest.raises(codec.EncodeError):
+        messages.message("a", inf.data, 1, Encoding.JSON)
+
+
+def _strict_json(body: bytes) -> Any:
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in a JSON reply")
+
+    return json.loads(body.decode("utf-8"), parse_constant=refuse)
+
+
+def _has_big_int(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            stack += item
+        elif type(item) is int and not -(2**63) <= item < 2**64:
+            return True
+    return False
+
+
+# Strings with lone surrogates (category Cs) too: json.dumps writes them as \ud800 escapes.
+any_text = st.text(st.characters(categories=["Cs"]) | st.characters(), max_size=8)
+json_texts = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | any_text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text, inner, max_size=3),
+    max_leaves=12,
+).map(json.dumps)
+
+
+@given(json_texts | st.integers(100, 300).map(lambda d: "[" * d + "]" * d))
+def test_what_json_decode_accepts_every_encoding_can_write(text: str) -> None:
+    """Text with surrogate escapes, huge or non-finite numbers and deep nesting: decode refuses
+    it, or the value goes back out as strict JSON and as msgpack (bar integers over 64 bits)."""
+    try:
+        value = codec.decode(text, binary=False)
+    except codec.DecodeError:
+        return
+    assert _strict_json(codec.encode_payload(value, Encoding.JSON)) == value
+    try:
+        codec.encode_payload(value, Encoding.MSGPACK)
+    except codec.EncodeError:
+        assert _has_big_int(value)
