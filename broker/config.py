@@ -46,6 +46,9 @@ class Config:
     read_size: int = _opt(256 * 1024, "bytes asked of one recv()")
     topic_cache_size: int = _opt(4096, "exact topics whose subscriber lists are cached")
     seq_topics: int = _opt(100_000, "topics whose seq counters are kept (LRU)")
+    # -- tls --
+    tls_cert: str = _opt("", "PEM certificate chain; with --tls-key the port speaks TLS only")
+    tls_key: str = _opt("", "PEM private key of --tls-cert (SIGHUP reloads both)")
     log_level: str = _opt("info", "debug, info, warning, error")
     log_format: LogFormat = _opt("text", "text or json", choices=("text", "json"))
 
@@ -108,4 +111,6 @@ def validate(config: Config) -> list[str]:
         problems.append("port must be 0..65535")
     if config.max_subscriptions < 0 or config.max_connections < 0:
         problems.append("limits cannot be negative")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        problems.append("--tls-cert and --tls-key go together: give both or neither")
     return problems

@@ -63,6 +63,7 @@ class Closed(enum.Enum):
     SHUTDOWN = ("shutdown", 1001)
     INTERNAL_ERROR = ("internal_error", 1011)
     MAX_CONNECTIONS = ("max_connections", 0)
+    TLS_ERROR = ("tls_error", 0)  # a failed TLS handshake or a bad record: no close frame
 
     @property
     def label(self) -> str:

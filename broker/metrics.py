@@ -38,6 +38,8 @@ EVENTS_BUCKETS = 12
 ITER_MIN_BIT, ITER_MAX_BIT = 10, 30
 
 DROP_REASONS = ("slow_consumer", "unencodable", "rate_limited")
+# Why a TLS handshake failed (broker/net/tls.py `failure_reason` picks one).
+TLS_FAILURE_REASONS = ("plain_http", "protocol", "peer_alert", "timeout", "eof", "other")
 EVENT_KINDS = (
     ("in", select.EPOLLIN | select.EPOLLPRI),
     ("out", select.EPOLLOUT),
@@ -69,6 +71,8 @@ class Stats:
         self.sends = 0
         self.slow_consumers = 0
         self.internal_errors = 0
+        self.tls_handshakes = 0
+        self.tls_failures = dict.fromkeys(TLS_FAILURE_REASONS, 0)
 
     def record_wait(self, n: int) -> None:
         self.epoll_waits += 1
@@ -154,6 +158,15 @@ class BrokerCollector(Collector):
         yield _counter(
             "broker_internal_errors", "Bugs caught while serving one connection", s.internal_errors
         )
+        yield _counter("broker_tls_handshakes", "TLS handshakes completed", s.tls_handshakes)
+        tls_failures = CounterMetricFamily(
+            "broker_tls_handshake_failures",
+            "TLS handshakes that failed, by reason",
+            labels=["reason"],
+        )
+        for tls_reason, count in s.tls_failures.items():
+            tls_failures.add_metric([tls_reason], count)
+        yield tls_failures
         for name, gauge in self.gauges().items():
             yield GaugeMetricFamily(name, _GAUGE_HELP.get(name, name), value=gauge)
 

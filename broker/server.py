@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from broker.metrics import Stats, make_registry, render
 from broker.net.connection import CLOSED, CLOSING, HTTP, LINGER, OPEN, Connection
 from broker.net.listener import Listener
 from broker.net.loop import EventLoop
+from broker.net.tls import TlsConnection, TlsSetupError, server_context
 from broker.pubsub.http_api import HttpApi
 from broker.pubsub.router import Router
 
@@ -59,6 +61,10 @@ class Server:
         self.stats = Stats()
         self.fd_limit = fd_limit
         self.max_connections = cfg.max_connections or max(1, fd_limit - FD_RESERVE)
+        # Loaded before listening so that a bad file fails the start; SIGHUP replaces it.
+        self.tls_context: ssl.SSLContext | None = None
+        if cfg.tls_cert:
+            self.tls_context = server_context(cfg.tls_cert, cfg.tls_key)
         self.loop = EventLoop(self.stats, fd_limit)
         self.router = Router(cfg, self.stats)
         self.registry = make_registry(self.stats, self.gauges)
@@ -86,7 +92,10 @@ class Server:
         # Nagle would hold back small frames waiting for ACKs; we coalesce writes ourselves.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.connections += 1
-        Connection(sock, self)
+        if self.tls_context is None:
+            Connection(sock, self)
+        else:
+            TlsConnection(sock, self, self.tls_context)
 
     def closed(self, conn: Connection, reason: Closed) -> None:
         self.connections -= 1
@@ -111,7 +120,7 @@ class Server:
             log.error("error serving connection fd=%d, closing it", conn.fd, exc_info=exc)
 
     def _connections(self) -> list[Connection]:
-        return [c for c in self.loop.table.slots if type(c) is Connection]
+        return [c for c in self.loop.table.slots if isinstance(c, Connection)]
 
     # -- once per iteration --------------------------------------------------------------------
 
@@ -209,6 +218,25 @@ class Server:
     def _on_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.shutdown()
+        elif signum == signal.SIGHUP:
+            self.reload()
+
+    def reload(self) -> None:
+        """SIGHUP: reload what can change without a restart (the TLS certificate and key).
+
+        New connections get the new context; open ones keep theirs (each SSLObject holds a
+        reference to the context it was made from). A file that does not load keeps the old one.
+        """
+        cfg = self.config
+        if self.tls_context is None:
+            log.info("SIGHUP: nothing to reload (no --tls-cert)")
+            return
+        try:
+            self.tls_context = server_context(cfg.tls_cert, cfg.tls_key)
+        except TlsSetupError as exc:
+            log.warning("SIGHUP: TLS certificate/key not reloaded, keeping the old ones: %s", exc)
+            return
+        log.info("SIGHUP: TLS certificate and key reloaded from %s", cfg.tls_cert)
 
     def shutdown(self) -> None:
         """Stop accepting, send 1001 to every client, drain within `shutdown_timeout`."""
@@ -233,7 +261,7 @@ class Server:
         self.loop.stop()
 
     def run(self) -> None:
-        self.loop.handle_signals(signal.SIGTERM, signal.SIGINT)
+        self.loop.handle_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         try:
             self.loop.run()
         finally:
@@ -271,16 +299,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     before, after = raise_fd_limit()
     try:
         server = Server(cfg, after)
+    except TlsSetupError as exc:
+        log.error("--tls-cert/--tls-key: %s", exc)  # noqa: TRY400
+        return 1
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror)  # noqa: TRY400
         return 1
     host, port = server.listener.address
+    scheme = "wss" if server.tls_context else "ws"
     log.info(
-        "broker %s listening on %s:%d (ws://%s:%d/ws); open files limit %d (was %d), "
+        "broker %s listening on %s:%d (%s://%s:%d/ws); open files limit %d (was %d), "
         "max connections %d; pid %d",
         __version__,
         host,
         port,
+        scheme,
         host,
         port,
         after,

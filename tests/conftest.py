@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -29,20 +30,27 @@ def free_port() -> int:
 class BrokerProcess:
     """A broker started as a real process (`python -m broker`), stopped by PID."""
 
-    def __init__(self, *args: str, port: int | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        *args: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.port = port or free_port()
         self.args = args
         self.env = env or {}
+        self.tls = tls  # a client context trusting the broker's certificate: wss:// and https://
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = ARTIFACTS / f"broker-{self.port}.log"
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.port}/ws"
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> BrokerProcess:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -56,7 +64,7 @@ class BrokerProcess:
                 raise RuntimeError(f"broker exited with {self.proc.returncode}: {self.log()}")
             with (
                 contextlib.suppress(OSError),
-                urllib.request.urlopen(self.http + "/healthz", timeout=1) as r,
+                urllib.request.urlopen(self.http + "/healthz", timeout=1, context=self.tls) as r,
             ):
                 if r.status == 200:
                     return self
@@ -77,7 +85,7 @@ class BrokerProcess:
 
     def metric(self, name: str, labels: str = "") -> float:
         """One sample from /metrics; `labels` is the exact label text, e.g. 'kind="in"'."""
-        with urllib.request.urlopen(self.http + "/metrics", timeout=5) as r:
+        with urllib.request.urlopen(self.http + "/metrics", timeout=5, context=self.tls) as r:
             text = r.read().decode()
         wanted = f"{name}{{{labels}}}" if labels else name
         for line in text.splitlines():
@@ -124,9 +132,12 @@ def broker_factory() -> Iterator[Callable[..., BrokerProcess]]:
     started: list[BrokerProcess] = []
 
     def start(
-        *args: str, port: int | None = None, env: dict[str, str] | None = None
+        *args: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> BrokerProcess:
-        b = BrokerProcess(*args, port=port, env=env).start()
+        b = BrokerProcess(*args, port=port, env=env, tls=tls).start()
         started.append(b)
         return b
 

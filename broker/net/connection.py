@@ -107,6 +107,11 @@ class Connection(Session):
             self.abort(Closed.CLIENT_GONE)
             return
         server.stats.bytes_received += len(data)
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        """Bytes from the peer (after TLS, if any); b"" is its EOF."""
+        server = self.server
         state = self.state
         if state in (OPEN, CLOSING):
             if not data:
@@ -283,7 +288,7 @@ class Connection(Session):
         want = EPOLLRDHUP
         if state != DRAINING and self.queued <= self.server.config.outbound_high_water:
             want |= EPOLLIN
-        if self.out:
+        if self.queued:  # `out`, or ciphertext a TlsConnection holds
             want |= EPOLLOUT
         if want != self.mask:
             if want & EPOLLOUT and not self.mask & EPOLLOUT:
@@ -319,7 +324,7 @@ class Connection(Session):
         self.partial = None
         self.state = DRAINING
         self.deadline = self.server.loop.now + self.server.config.close_timeout
-        if not self.out:
+        if not self.queued:
             self._linger()
         # else: the pending flush (end of iteration, or EPOLLOUT if already armed) sends the rest,
         # and its update_interest stops reading. Arming EPOLLOUT here, before trying to send,
