@@ -1,9 +1,11 @@
 """Python clients for the broker's wire protocol v1: `AsyncClient` (asyncio) and `Client`
 (blocking).
 
-Both are built on the `websockets` library, speak JSON or msgpack, reconnect with capped exponential
-backoff and jitter, re-subscribe after a reconnect, report connection state changes and raise the
-typed exceptions of `broker_client.errors`. docs/clients.md has examples; `broker-cli`
+Both are built on the `websockets` library and one sans-IO core (`broker_client.session`), speak
+JSON or msgpack, authenticate with a token (refreshed before it expires when given a callback),
+reconnect with capped exponential backoff and jitter, re-subscribe after a reconnect and recover
+what was missed (or say it could not: `on_unrecovered`), report connection state changes and raise
+the typed exceptions of `broker_client.errors`. docs/clients.md has examples; `broker-cli`
 (`broker_client.cli`) is the command-line client built on `AsyncClient`.
 
     from broker_client import Client
@@ -25,12 +27,17 @@ from .errors import (
     ClientClosedError,
     ConnectError,
     ConnectionLostError,
+    Forbidden,
     ForbiddenError,
     NotFoundError,
     ProtocolError,
     RateLimitedError,
     RequestTimeoutError,
+    TokenExpired,
+    TokenExpiredError,
     TooLargeError,
+    Unauthorized,
+    UnauthorizedError,
 )
 from .protocol import (
     DEFAULT_URL,
@@ -39,10 +46,14 @@ from .protocol import (
     Backoff,
     ConnectionState,
     Encoding,
+    History,
     Message,
+    Position,
     StateChange,
+    parse_position,
     topic_matches,
 )
+from .session import SessionStats, Unrecovered
 
 __all__ = [
     "DEFAULT_URL",
@@ -62,14 +73,24 @@ __all__ = [
     "ConnectionLostError",
     "ConnectionState",
     "Encoding",
+    "Forbidden",
     "ForbiddenError",
+    "History",
     "Message",
     "NotFoundError",
+    "Position",
     "ProtocolError",
     "RateLimitedError",
     "RequestTimeoutError",
+    "SessionStats",
     "StateChange",
     "Subscription",
+    "TokenExpired",
+    "TokenExpiredError",
     "TooLargeError",
+    "Unauthorized",
+    "UnauthorizedError",
+    "Unrecovered",
+    "parse_position",
     "topic_matches",
 ]

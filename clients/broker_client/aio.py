@@ -11,32 +11,35 @@ frame and await the future the runner resolves.
 Messages wait in an unbounded `asyncio.Queue` per subscription (iterate with `async for`), or go to
 a callback, called in the runner task: it must not block or await a request of this client, because
 the runner is the one that would read the answer.
+
+With a token callback a second task, the refresher, sleeps until shortly before the token's `exp`,
+awaits the callback and sends `auth` (see `ClientBase`). Protocol bookkeeping (ids, subscriptions,
+positions, recovery, error mapping, the reconnect policy) lives in the sans-IO `session.Session`;
+this module only waits and does I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal, Self, overload
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
-from websockets.typing import Subprotocol
 
 from ._common import (
-    DEFAULT_MAX_SIZE,
+    ClientBase,
     End,
-    describe_close,
-    log_callback_error,
-    open_error,
+    MessageCallback,
+    SubscriptionBase,
+    delivered_count,
+    lost_error,
+    revoked_patterns,
     wrong_subprotocol,
-)
-from ._common import (
-    delivered_count as _delivered,
 )
 from .errors import (
     BrokerClientError,
@@ -45,65 +48,38 @@ from .errors import (
     ConnectError,
     ConnectionLostError,
     RequestTimeoutError,
-    error_from_reply,
+    UnauthorizedError,
 )
 from .protocol import (
-    DEFAULT_URL,
-    Backoff,
-    Codec,
     ConnectionState,
-    Encoding,
-    ErrorReply,
+    History,
     Message,
+    Position,
     Reply,
-    StateChange,
 )
-from .session import Session
 
 __all__ = ["AsyncClient", "AsyncSubscription"]
 
 log = logging.getLogger("broker_client")
 
-MessageCallback = Callable[[Message], object]
-StateCallback = Callable[[StateChange], object]
 
-
-class AsyncSubscription:
+class AsyncSubscription(SubscriptionBase):
     """One `subscribe()`: an async iterator of `Message`s (or a callback), until `unsubscribe()`.
 
     Iteration stops when the subscription is unsubscribed or the client closed; it raises the error
     when the subscription ends for a reason (the broker refused the re-subscription after a
-    reconnect, or the connection was lost with reconnect disabled).
+    reconnect, a new token revoked it, or the connection was lost with reconnect disabled).
     """
 
-    __slots__ = ("_callback", "_client", "_ended", "_queue", "topic")
+    __slots__ = ("_queue",)
+    _client: AsyncClient
 
     def __init__(self, client: AsyncClient, topic: str, callback: MessageCallback | None) -> None:
-        self.topic = topic
-        self._client = client
-        self._callback = callback
+        super().__init__(client, topic, callback)
         self._queue: asyncio.Queue[Message | End] = asyncio.Queue()
-        self._ended = False
 
-    @property
-    def ended(self) -> bool:
-        return self._ended
-
-    def _deliver(self, message: Message) -> None:
-        if self._ended:
-            return
-        if self._callback is None:
-            self._queue.put_nowait(message)
-            return
-        try:
-            self._callback(message)
-        except Exception:
-            log_callback_error(log, "message callback", self.topic)
-
-    def _end(self, error: BaseException | None) -> None:
-        if not self._ended:
-            self._ended = True
-            self._queue.put_nowait(End(error))
+    def _put(self, item: Message | End) -> None:
+        self._queue.put_nowait(item)
 
     def __aiter__(self) -> Self:
         return self
@@ -140,95 +116,65 @@ class AsyncSubscription:
         if not self._ended:
             await self.unsubscribe()
 
-    def __repr__(self) -> str:
-        return f"<AsyncSubscription {self.topic!r}{' ended' if self._ended else ''}>"
 
-
-class AsyncClient:
+class AsyncClient(ClientBase):
     """An asyncio client for one broker URL; use `async with AsyncClient(url) as client:`.
 
     `encoding` picks the subprotocol (`"json"` or `"msgpack"`; only msgpack carries bytes).
     `reconnect` turns on automatic reconnection with `backoff` after a connection that was open is
-    lost; the first `connect()` tries once and raises `ConnectError`. Every request waits at most
-    `request_timeout` s, including the time spent waiting for a reconnection.
+    lost; the first `connect()` tries once and raises `ConnectError` (or `UnauthorizedError` /
+    `ForbiddenError` for an HTTP 401 / 403). Every request waits at most `request_timeout` s,
+    including the time spent waiting for a reconnection. `token` (a str, or a callable returning
+    one or an awaitable of one) authenticates; `ssl` is the context for `wss://` URLs;
+    `on_unrecovered` hears about subscriptions that lost messages across a reconnect.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        encoding: Encoding = "json",
-        reconnect: bool = True,
-        backoff: Backoff | None = None,
-        request_timeout: float = 10.0,
-        open_timeout: float = 5.0,
-        ping_interval: float | None = 20.0,
-        max_size: int | None = DEFAULT_MAX_SIZE,
-        on_state_change: StateCallback | None = None,
-        on_error: Callable[[BrokerClientError], object] | None = None,
-    ) -> None:
-        self.url = url
-        self.encoding: Encoding = encoding
-        self._codec = Codec(encoding)
-        self._reconnect = reconnect
-        self._backoff = backoff or Backoff()
-        self._request_timeout = request_timeout
-        self._open_timeout = open_timeout
-        self._ping_interval = ping_interval
-        self._max_size = max_size
-        self._state_callbacks: list[StateCallback] = [on_state_change] if on_state_change else []
-        self._on_error = on_error
-        self._session = Session(self._codec, self._report)
-        self._state = ConnectionState.IDLE
+    _ready: asyncio.Event
+    _closing: asyncio.Event
+
+    def _setup(self) -> None:
         self._state_waiters: list[tuple[ConnectionState, asyncio.Future[None]]] = []
         self._ws: ClientConnection | None = None
-        self._ready = asyncio.Event()  # set while CONNECTED or CLOSED: a caller may stop waiting
+        self._ready = asyncio.Event()
         self._closing = asyncio.Event()
+        self._token_event = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
-        self._final_error: BaseException | None = None
+        self._refresher: asyncio.Task[None] | None = None
 
     # life cycle
 
-    @property
-    def state(self) -> ConnectionState:
-        return self._state
-
-    @property
-    def subscriptions(self) -> list[str]:
-        """The patterns this client holds at the broker (re-subscribed after a reconnect)."""
-        return self._session.patterns()
-
-    def add_state_callback(self, callback: StateCallback) -> None:
-        """Call `callback(StateChange)` on every state change (in the event loop; keep it quick)."""
-        self._state_callbacks.append(callback)
-
     async def connect(self) -> Self:
-        """Open the connection (one attempt); `ConnectError` if the broker cannot be reached."""
+        """Open the connection (one attempt); `ConnectError`, `UnauthorizedError` (HTTP 401) or
+        `ForbiddenError` (HTTP 403) if it cannot be opened."""
         if self._state is not ConnectionState.IDLE:
             raise RuntimeError(f"connect() on a client that is {self._state}")
         self._set_state(ConnectionState.CONNECTING)
         try:
             ws = await self._open()
-        except ConnectError as exc:
+        except (ConnectError, BrokerError) as exc:
             self._finish(exc)
             raise
         self._ws = ws
         self._set_state(ConnectionState.CONNECTED)
         self._ready.set()
         self._runner = asyncio.create_task(self._run(ws), name=f"broker-client {self.url}")
+        if self._policy.renewable:
+            self._refresher = asyncio.create_task(self._refresh(), name=f"token {self.url}")
         return self
 
     async def close(self) -> None:
         """Close the connection and end every subscription; idempotent."""
         self._closing.set()
+        self._token_event.set()
         if self._state is ConnectionState.IDLE:
             self._finish(None)
         ws = self._ws
         if ws is not None:
             await ws.close()
-        if self._runner is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+        for task in (self._runner, self._refresher):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._finish(None)
 
     async def __aenter__(self) -> Self:
@@ -278,15 +224,20 @@ class AsyncClient:
             except ConnectionClosed as exc:
                 raise ConnectionLostError(f"connection lost while publishing: {exc}") from exc
             return None
-        reply = await self._request("publish", topic=topic, data=data)
-        return _delivered(reply)
+        return delivered_count(await self._request("publish", topic=topic, data=data))
 
     async def subscribe(
-        self, topic: str, callback: MessageCallback | None = None
+        self,
+        topic: str,
+        callback: MessageCallback | None = None,
+        *,
+        since: Position | None = None,
     ) -> AsyncSubscription:
         """Subscribe to a topic or pattern (`*` one token, final `>` the rest) once the broker acks.
 
-        Without `callback` iterate the returned subscription: `async for message in sub`.
+        Without `callback` iterate the returned subscription: `async for message in sub`. `since`
+        (a concrete topic's `Position`) asks for the messages after it first; if the broker no
+        longer has them all, `on_unrecovered` is told and live delivery starts.
         """
         sub = AsyncSubscription(self, topic, callback)
         async with self._deadline("subscribe"):
@@ -294,18 +245,9 @@ class AsyncClient:
         if not self._session.add(sub):
             return sub  # the pattern is already subscribed at the broker; share it
         try:
-            await self._request("subscribe", topic=topic)
-        except BrokerError as exc:
-            # Refused: whoever joined this pattern meanwhile is refused with it.
-            for other in self._session.remove_pattern(topic):
-                if other is not sub:
-                    other._end(exc)
-            sub._ended = True
-            raise
-        except BaseException:
-            # Timed out or lost: the pattern stays for the others (re-subscribed on reconnect).
-            self._session.remove(sub)
-            sub._ended = True
+            await self._request("subscribe", topic=topic, since=since)
+        except BaseException as exc:
+            self._subscribe_failed(sub, exc)
             raise
         return sub
 
@@ -314,6 +256,21 @@ class AsyncClient:
         for sub in self._session.remove_pattern(topic):
             sub._end(None)
         await self._request("unsubscribe", topic=topic)
+
+    async def history(
+        self, topic: str, *, since: Position | None = None, limit: int | None = None
+    ) -> History:
+        """The retained messages of a concrete topic after `since` (from the oldest without it),
+        at most `limit`; `recovered` False when some after `since` are gone."""
+        reply = await self._request("history", topic=topic, since=since, limit=limit)
+        return self._session.history(topic, reply)
+
+    async def auth(self, token: str) -> list[str]:
+        """Replace the connection's token; returns the patterns the broker dropped because the new
+        token does not allow them (their subscriptions end with `ForbiddenError`)."""
+        revoked = revoked_patterns(await self._request("auth", token=token))
+        self._accept_token(token)
+        return revoked
 
     async def ping(self) -> float:
         """Round trip of a protocol-level ping through the broker's loop, in seconds."""
@@ -334,18 +291,10 @@ class AsyncClient:
 
     async def _usable(self) -> ClientConnection:
         """The open connection, waiting for a reconnection if there is none right now."""
-        if self._state is ConnectionState.IDLE:
-            raise RuntimeError("the client is not connected: call connect() first")
-        while True:
-            if self._closing.is_set() or self._state is ConnectionState.CLOSED:
-                if self._final_error is not None:
-                    raise ConnectionLostError(str(self._final_error)) from self._final_error
-                raise ClientClosedError("the client is closed")
-            if self._state is ConnectionState.CONNECTED and self._ws is not None:
-                return self._ws
+        while not self._usable_now(self._ws):
             await self._ready.wait()
-            if not self._ready.is_set():  # pragma: no cover - cleared again before we ran
-                continue
+        assert self._ws is not None
+        return self._ws
 
     async def _request(self, op: str, **fields: Any) -> Reply:
         future: asyncio.Future[Reply | BaseException] = asyncio.get_running_loop().create_future()
@@ -367,27 +316,27 @@ class AsyncClient:
         finally:
             if rid is not None:
                 self._session.cancel(rid)
-        if isinstance(result, BaseException):
-            raise result
-        if isinstance(result, ErrorReply):
-            raise error_from_reply(result.code, result.message, result.id)
-        return result
+        return self._session.outcome(result)
+
+    async def _fetch_token(self) -> None:
+        """Call the token callback (awaiting what it returns if need be) before a connect."""
+        source = self._token_source
+        if not callable(source):
+            return
+        try:
+            token = source()
+            if inspect.isawaitable(token):
+                token = await token
+            self._accept_token(token)
+        except Exception as exc:
+            raise ConnectError(f"token callback: {type(exc).__name__}: {exc}") from exc
 
     async def _open(self) -> ClientConnection:
+        await self._fetch_token()
         try:
-            ws = await connect(
-                self.url,
-                subprotocols=[Subprotocol(self._codec.subprotocol)],
-                compression=None,  # the broker does not negotiate permessage-deflate (encode-once)
-                proxy=None,
-                open_timeout=self._open_timeout,
-                ping_interval=self._ping_interval,
-                ping_timeout=self._ping_interval,
-                close_timeout=2,
-                max_size=self._max_size,
-            )
+            ws = await connect(self.url, **self._connect_options())
         except Exception as exc:
-            raise open_error(self.url, exc, self._open_timeout) from exc
+            raise self._open_failed(exc) from exc
         problem = wrong_subprotocol(self._codec, ws.subprotocol)
         if problem is not None:
             await ws.close()
@@ -404,10 +353,10 @@ class AsyncClient:
                 self._session.connection_lost(error)
                 if self._closing.is_set():
                     break
-                if not self._reconnect:
+                if not self._policy.after_loss(error):
                     final = error
                     break
-                reopened = await self._reopen(error)
+                reopened, final = await self._reopen(error)
                 if reopened is None:
                     break
                 ws = reopened
@@ -424,26 +373,32 @@ class AsyncClient:
                 if self._session.receive(frame):
                     self._connected()
         except ConnectionClosed as exc:
-            return ConnectionLostError(describe_close(exc.rcvd, exc.sent))
-        return ConnectionLostError(describe_close(ws.protocol.close_rcvd, ws.protocol.close_sent))
+            return lost_error(exc.rcvd, exc.sent)
+        return lost_error(ws.protocol.close_rcvd, ws.protocol.close_sent)
 
-    async def _reopen(self, error: BaseException) -> ClientConnection | None:
-        for attempt, delay in enumerate(self._backoff.delays(), 1):
-            self._set_state(ConnectionState.RECONNECTING, error=error, delay=delay, attempt=attempt)
+    async def _reopen(
+        self, error: BaseException
+    ) -> tuple[ClientConnection | None, BaseException | None]:
+        """Reconnect and resubscribe; (None, why) when the policy gives up or the client closes."""
+        attempts = self._policy.attempts(error)
+        for attempt, delay in attempts:
+            self._set_state(
+                ConnectionState.RECONNECTING, error=attempts.error, delay=delay, attempt=attempt
+            )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._closing.wait()
             if self._closing.is_set():
-                return None
+                return None, None
             self._set_state(ConnectionState.CONNECTING, attempt=attempt)
             try:
                 ws = await self._open()
-            except ConnectError as exc:
-                error = exc
+            except (ConnectError, BrokerError) as exc:
+                attempts.failed(exc)
                 continue
             if self._closing.is_set():
                 await ws.close()
-                return None
+                return None, None
             self._ws = ws
             frames = self._session.begin_resubscribe()
             if not frames:
@@ -451,48 +406,48 @@ class AsyncClient:
             with contextlib.suppress(ConnectionClosed):  # the read loop sees the close
                 for frame in frames:
                     await ws.send(frame)
-            return ws
-        raise AssertionError("unreachable: Backoff.delays() is endless")
+            return ws, None
+        return None, attempts.error
 
-    def _connected(self) -> None:
-        self._set_state(ConnectionState.CONNECTED)
-        self._ready.set()
-
-    def _finish(self, error: BaseException | None) -> None:
-        if self._state is ConnectionState.CLOSED:
-            return
-        self._final_error = error
-        self._set_state(ConnectionState.CLOSED, error=error)
-        self._session.close(error)
-        self._ready.set()
-
-    def _set_state(
-        self,
-        state: ConnectionState,
-        *,
-        error: BaseException | None = None,
-        delay: float | None = None,
-        attempt: int = 0,
-    ) -> None:
-        previous, self._state = self._state, state
-        change = StateChange(state, previous, error, delay, attempt)
-        for callback in list(self._state_callbacks):
+    async def _refresh(self) -> None:
+        """Renew the token shortly before it expires: await the callback, send `auth`."""
+        while not self._closing.is_set() and self._state is not ConnectionState.CLOSED:
+            self._token_event.clear()
+            delay = self._refresh_delay()
             try:
-                callback(change)
-            except Exception:
-                log_callback_error(log, "state callback", str(state))
+                async with asyncio.timeout(delay):
+                    await self._token_event.wait()
+                continue  # the token changed (a reconnect fetched one) or the client closes
+            except TimeoutError:
+                pass
+            try:
+                async with self._deadline("token refresh"):
+                    await self._usable()
+                await self._fetch_token()
+                assert self._token is not None
+                await self.auth(self._token)
+            except (ClientClosedError, ConnectionLostError):
+                continue  # a reconnect calls the callback anyway, or the client is closing
+            except (BrokerClientError, RequestTimeoutError) as exc:
+                self._report(
+                    exc
+                    if isinstance(exc, UnauthorizedError)
+                    else ConnectError(f"token refresh failed: {exc}")
+                )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):  # do not spin while the token is refused
+                        await self._closing.wait()
+            except Exception:  # a bug in this module; the broker's 4001 will end the connection
+                log.exception("token refresher failed")
+                return
+
+    def _token_changed(self) -> None:
+        self._token_event.set()
+
+    def _state_entered(self, state: ConnectionState) -> None:
         for wanted, future in list(self._state_waiters):
             if wanted is state and not future.done():
                 future.set_result(None)
-
-    def _report(self, error: BrokerClientError) -> None:
-        if self._on_error is None:
-            log.warning("broker client %s: %s", self.url, error)
-            return
-        try:
-            self._on_error(error)
-        except Exception:
-            log_callback_error(log, "error callback", str(error))
 
 
 class _Deadline:

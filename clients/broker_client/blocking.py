@@ -9,6 +9,10 @@ block on a `concurrent.futures.Future` that the reader resolves.
 Subscriptions are blocking iterators over a `queue.SimpleQueue`, or callbacks run in the reader
 thread. A callback must not make a request that waits for an answer (only `publish(...,
 ack=False)`): the reader would wait for itself, so that raises `RuntimeError` instead of hanging.
+
+With a token callback a second daemon thread, the refresher, sleeps until shortly before the token's
+`exp`, calls the callback and sends `auth`. Protocol bookkeeping lives in the sans-IO
+`session.Session`, shared with the async client; this module only waits and does I/O.
 """
 
 from __future__ import annotations
@@ -18,25 +22,23 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Literal, Self, overload
 
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
-from websockets.typing import Subprotocol
 
 from ._common import (
-    DEFAULT_MAX_SIZE,
+    ClientBase,
     End,
-    describe_close,
-    log_callback_error,
-    open_error,
+    MessageCallback,
+    SubscriptionBase,
+    delivered_count,
+    lost_error,
+    revoked_patterns,
     wrong_subprotocol,
-)
-from ._common import (
-    delivered_count as _delivered,
 )
 from .errors import (
     BrokerClientError,
@@ -45,64 +47,38 @@ from .errors import (
     ConnectError,
     ConnectionLostError,
     RequestTimeoutError,
-    error_from_reply,
+    UnauthorizedError,
 )
 from .protocol import (
-    DEFAULT_URL,
-    Backoff,
-    Codec,
     ConnectionState,
-    Encoding,
-    ErrorReply,
+    History,
     Message,
+    Position,
     Reply,
-    StateChange,
 )
-from .session import Session
 
 __all__ = ["Client", "Subscription"]
 
 log = logging.getLogger("broker_client")
 
-MessageCallback = Callable[[Message], object]
-StateCallback = Callable[[StateChange], object]
 
-
-class Subscription:
+class Subscription(SubscriptionBase):
     """One `subscribe()`: a blocking iterator of `Message`s (or a callback), until `unsubscribe()`.
 
     Iteration stops when the subscription is unsubscribed or the client closed, and raises the error
-    when it ended for a reason (re-subscription refused, connection lost with reconnect disabled).
+    when it ended for a reason (re-subscription refused, revoked by a new token, connection lost
+    with reconnect disabled).
     """
 
-    __slots__ = ("_callback", "_client", "_ended", "_queue", "topic")
+    __slots__ = ("_queue",)
+    _client: Client
 
     def __init__(self, client: Client, topic: str, callback: MessageCallback | None) -> None:
-        self.topic = topic
-        self._client = client
-        self._callback = callback
+        super().__init__(client, topic, callback)
         self._queue: queue.SimpleQueue[Message | End] = queue.SimpleQueue()
-        self._ended = False
 
-    @property
-    def ended(self) -> bool:
-        return self._ended
-
-    def _deliver(self, message: Message) -> None:
-        if self._ended:
-            return
-        if self._callback is None:
-            self._queue.put(message)
-            return
-        try:
-            self._callback(message)
-        except Exception:
-            log_callback_error(log, "message callback", self.topic)
-
-    def _end(self, error: BaseException | None) -> None:
-        if not self._ended:
-            self._ended = True
-            self._queue.put(End(error))
+    def _put(self, item: Message | End) -> None:
+        self._queue.put(item)
 
     def _take(self, timeout: float | None) -> Message | End:
         try:
@@ -144,78 +120,42 @@ class Subscription:
         if not self._ended:
             self.unsubscribe()
 
-    def __repr__(self) -> str:
-        return f"<Subscription {self.topic!r}{' ended' if self._ended else ''}>"
 
-
-class Client:
+class Client(ClientBase):
     """A blocking client for one broker URL; use `with Client(url) as client:`.
 
     Same options and behaviour as `AsyncClient`: `encoding` `"json"` or `"msgpack"`; `reconnect`
     with `backoff` after an open connection is lost (the first `connect()` tries once and raises
-    `ConnectError`); each request waits at most `request_timeout` s, reconnection time included.
+    `ConnectError`, or `UnauthorizedError` / `ForbiddenError` for an HTTP 401 / 403); each request
+    waits at most `request_timeout` s, reconnection time included; `token` a str or a callable
+    returning one; `ssl` the context for `wss://`; `on_unrecovered` for lost messages.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        encoding: Encoding = "json",
-        reconnect: bool = True,
-        backoff: Backoff | None = None,
-        request_timeout: float = 10.0,
-        open_timeout: float = 5.0,
-        ping_interval: float | None = 20.0,
-        max_size: int | None = DEFAULT_MAX_SIZE,
-        on_state_change: StateCallback | None = None,
-        on_error: Callable[[BrokerClientError], object] | None = None,
-    ) -> None:
-        self.url = url
-        self.encoding: Encoding = encoding
-        self._codec = Codec(encoding)
-        self._reconnect = reconnect
-        self._backoff = backoff or Backoff()
-        self._request_timeout = request_timeout
-        self._open_timeout = open_timeout
-        self._ping_interval = ping_interval
-        self._max_size = max_size
-        self._state_callbacks: list[StateCallback] = [on_state_change] if on_state_change else []
-        self._on_error = on_error
-        self._session = Session(self._codec, self._report)
-        self._state = ConnectionState.IDLE
+    _ready: threading.Event
+    _closing: threading.Event
+
+    def _setup(self) -> None:
         self._entered: dict[ConnectionState, int] = dict.fromkeys(ConnectionState, 0)
         self._state_changed = threading.Condition()
         self._send_lock = threading.Lock()
         self._ws: ClientConnection | None = None
-        self._ready = threading.Event()  # set while CONNECTED or CLOSED: a caller may stop waiting
+        self._ready = threading.Event()
         self._closing = threading.Event()
+        self._token_event = threading.Event()
         self._thread: threading.Thread | None = None
-        self._final_error: BaseException | None = None
-        self._finished = False
+        self._refresher: threading.Thread | None = None
 
     # life cycle
 
-    @property
-    def state(self) -> ConnectionState:
-        return self._state
-
-    @property
-    def subscriptions(self) -> list[str]:
-        """The patterns this client holds at the broker (re-subscribed after a reconnect)."""
-        return self._session.patterns()
-
-    def add_state_callback(self, callback: StateCallback) -> None:
-        """Call `callback(StateChange)` on each state change (in the reader thread; be quick)."""
-        self._state_callbacks.append(callback)
-
     def connect(self) -> Self:
-        """Open the connection (one attempt); `ConnectError` if the broker cannot be reached."""
+        """Open the connection (one attempt); `ConnectError`, `UnauthorizedError` (HTTP 401) or
+        `ForbiddenError` (HTTP 403) if it cannot be opened."""
         if self._state is not ConnectionState.IDLE:
             raise RuntimeError(f"connect() on a client that is {self._state}")
         self._set_state(ConnectionState.CONNECTING)
         try:
             ws = self._open()
-        except ConnectError as exc:
+        except (ConnectError, BrokerError) as exc:
             self._finish(exc)
             raise
         self._ws = ws
@@ -225,17 +165,23 @@ class Client:
             target=self._run, args=(ws,), name=f"broker-client {self.url}", daemon=True
         )
         self._thread.start()
+        if self._policy.renewable:
+            self._refresher = threading.Thread(
+                target=self._refresh, name=f"token {self.url}", daemon=True
+            )
+            self._refresher.start()
         return self
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the connection, end every subscription and stop the reader thread; idempotent."""
         self._closing.set()
+        self._token_event.set()
         ws = self._ws
         if ws is not None:
             ws.close()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        for thread in (self._thread, self._refresher):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout)
         self._finish(None)
 
     def __enter__(self) -> Self:
@@ -277,31 +223,28 @@ class Client:
             ws = self._usable(time.monotonic() + self._request_timeout, "publish")
             self._send(ws, frame, "publish")
             return None
-        reply = self._request("publish", topic=topic, data=data)
-        return _delivered(reply)
+        return delivered_count(self._request("publish", topic=topic, data=data))
 
-    def subscribe(self, topic: str, callback: MessageCallback | None = None) -> Subscription:
+    def subscribe(
+        self,
+        topic: str,
+        callback: MessageCallback | None = None,
+        *,
+        since: Position | None = None,
+    ) -> Subscription:
         """Subscribe to a topic or pattern (`*` one token, final `>` the rest) once the broker acks.
 
         Without `callback` iterate the returned subscription (`for message in sub`) or call `get()`.
+        `since` (a concrete topic's `Position`) asks for the messages after it first.
         """
         sub = Subscription(self, topic, callback)
         self._usable(time.monotonic() + self._request_timeout, "subscribe")
         if not self._session.add(sub):
             return sub  # the pattern is already subscribed at the broker; share it
         try:
-            self._request("subscribe", topic=topic)
-        except BrokerError as exc:
-            # Refused: whoever joined this pattern meanwhile is refused with it.
-            for other in self._session.remove_pattern(topic):
-                if other is not sub:
-                    other._end(exc)
-            sub._ended = True
-            raise
-        except BaseException:
-            # Timed out or lost: the pattern stays for the others (re-subscribed on reconnect).
-            self._session.remove(sub)
-            sub._ended = True
+            self._request("subscribe", topic=topic, since=since)
+        except BaseException as exc:
+            self._subscribe_failed(sub, exc)
             raise
         return sub
 
@@ -310,6 +253,21 @@ class Client:
         for sub in self._session.remove_pattern(topic):
             sub._end(None)
         self._request("unsubscribe", topic=topic)
+
+    def history(
+        self, topic: str, *, since: Position | None = None, limit: int | None = None
+    ) -> History:
+        """The retained messages of a concrete topic after `since` (from the oldest without it),
+        at most `limit`; `recovered` False when some after `since` are gone."""
+        reply = self._request("history", topic=topic, since=since, limit=limit)
+        return self._session.history(topic, reply)
+
+    def auth(self, token: str) -> list[str]:
+        """Replace the connection's token; returns the patterns the broker dropped because the new
+        token does not allow them (their subscriptions end with `ForbiddenError`)."""
+        revoked = revoked_patterns(self._request("auth", token=token))
+        self._accept_token(token)
+        return revoked
 
     def ping(self) -> float:
         """Round trip of a protocol-level ping through the broker's loop, in seconds."""
@@ -327,16 +285,7 @@ class Client:
 
     def _usable(self, deadline: float, what: str) -> ClientConnection:
         """The open connection, waiting until `deadline` for a reconnection if there is none."""
-        if self._state is ConnectionState.IDLE:
-            raise RuntimeError("the client is not connected: call connect() first")
-        while True:
-            if self._closing.is_set() or self._state is ConnectionState.CLOSED:
-                if self._final_error is not None:
-                    raise ConnectionLostError(str(self._final_error)) from self._final_error
-                raise ClientClosedError("the client is closed")
-            ws = self._ws
-            if self._state is ConnectionState.CONNECTED and ws is not None:
-                return ws
+        while not self._usable_now(ws := self._ws):
             if threading.current_thread() is self._thread:
                 raise RuntimeError("a callback cannot wait for a reconnection of its own client")
             remaining = deadline - time.monotonic()
@@ -345,6 +294,8 @@ class Client:
                 raise RequestTimeoutError(
                     f"{what}: not connected within {limit:g} s (client {self._state})"
                 )
+        assert ws is not None
+        return ws
 
     def _send(self, ws: ClientConnection, frame: str | bytes, what: str) -> None:
         try:
@@ -379,30 +330,26 @@ class Client:
         finally:
             if rid is not None:
                 self._session.cancel(rid)
-        if isinstance(result, BaseException):
-            raise result
-        if isinstance(result, ErrorReply):
-            raise error_from_reply(result.code, result.message, result.id)
-        return result
+        return self._session.outcome(result)
+
+    def _fetch_token(self) -> None:
+        """Call the token callback before a connect or a refresh."""
+        source = self._token_source
+        if not callable(source):
+            return
+        try:
+            self._accept_token(source())
+        except Exception as exc:
+            raise ConnectError(f"token callback: {type(exc).__name__}: {exc}") from exc
 
     def _open(self) -> ClientConnection:
+        self._fetch_token()
         try:
-            ws = connect(
-                self.url,
-                subprotocols=[Subprotocol(self._codec.subprotocol)],
-                compression=None,  # the broker does not negotiate permessage-deflate (encode-once)
-                proxy=None,
-                open_timeout=self._open_timeout,
-                ping_interval=self._ping_interval,
-                ping_timeout=self._ping_interval,
-                close_timeout=2,
-                max_size=self._max_size,
-                # websockets >= 17.1: we own the connection's life (the reader thread closes it),
-                # so opt in to the plain-connection form instead of a context manager.
-                legacy=True,
-            )
+            # legacy=True (websockets >= 17.1): we own the connection's life (the reader thread
+            # closes it), so opt in to the plain-connection form instead of a context manager.
+            ws = connect(self.url, legacy=True, **self._connect_options())
         except Exception as exc:
-            raise open_error(self.url, exc, self._open_timeout) from exc
+            raise self._open_failed(exc) from exc
         problem = wrong_subprotocol(self._codec, ws.subprotocol)
         if problem is not None:
             ws.close()
@@ -419,10 +366,10 @@ class Client:
                 self._session.connection_lost(error)
                 if self._closing.is_set():
                     break
-                if not self._reconnect:
+                if not self._policy.after_loss(error):
                     final = error
                     break
-                reopened = self._reopen(error)
+                reopened, final = self._reopen(error)
                 if reopened is None:
                     break
                 ws = reopened
@@ -439,74 +386,68 @@ class Client:
                 if self._session.receive(frame):
                     self._connected()
         except ConnectionClosed as exc:
-            return ConnectionLostError(describe_close(exc.rcvd, exc.sent))
-        return ConnectionLostError(describe_close(ws.protocol.close_rcvd, ws.protocol.close_sent))
+            return lost_error(exc.rcvd, exc.sent)
+        return lost_error(ws.protocol.close_rcvd, ws.protocol.close_sent)
 
-    def _reopen(self, error: BaseException) -> ClientConnection | None:
-        for attempt, delay in enumerate(self._backoff.delays(), 1):
-            self._set_state(ConnectionState.RECONNECTING, error=error, delay=delay, attempt=attempt)
+    def _reopen(self, error: BaseException) -> tuple[ClientConnection | None, BaseException | None]:
+        """Reconnect and resubscribe; (None, why) when the policy gives up or the client closes."""
+        attempts = self._policy.attempts(error)
+        for attempt, delay in attempts:
+            self._set_state(
+                ConnectionState.RECONNECTING, error=attempts.error, delay=delay, attempt=attempt
+            )
             if self._closing.wait(delay):
-                return None
+                return None, None
             self._set_state(ConnectionState.CONNECTING, attempt=attempt)
             try:
                 ws = self._open()
-            except ConnectError as exc:
-                error = exc
+            except (ConnectError, BrokerError) as exc:
+                attempts.failed(exc)
                 continue
             if self._closing.is_set():
                 ws.close()
-                return None
+                return None, None
             self._ws = ws
             frames = self._session.begin_resubscribe()
             if not frames:
                 self._connected()
-            with (
-                contextlib.suppress(ConnectionClosed),
-                self._send_lock,
-            ):  # the reader sees the close
+            # The reader sees the close, if the connection drops meanwhile.
+            with contextlib.suppress(ConnectionClosed), self._send_lock:
                 for frame in frames:
                     ws.send(frame)
-            return ws
-        raise AssertionError("unreachable: Backoff.delays() is endless")
+            return ws, None
+        return None, attempts.error
 
-    def _connected(self) -> None:
-        self._set_state(ConnectionState.CONNECTED)
-        self._ready.set()
-
-    def _finish(self, error: BaseException | None) -> None:
-        with self._state_changed:
-            if self._finished:
+    def _refresh(self) -> None:
+        """Renew the token shortly before it expires: call the callback, send `auth`."""
+        while not self._closing.is_set() and self._state is not ConnectionState.CLOSED:
+            self._token_event.clear()
+            if self._token_event.wait(self._refresh_delay()):
+                continue  # the token changed (a reconnect fetched one) or the client closes
+            try:
+                self._usable(time.monotonic() + self._request_timeout, "token refresh")
+                self._fetch_token()
+                assert self._token is not None
+                self.auth(self._token)
+            except (ClientClosedError, ConnectionLostError):
+                continue  # a reconnect calls the callback anyway, or the client is closing
+            except BrokerClientError as exc:
+                self._report(
+                    exc
+                    if isinstance(exc, UnauthorizedError)
+                    else ConnectError(f"token refresh failed: {exc}")
+                )
+                self._closing.wait(1.0)  # do not spin while the token is refused
+            except Exception:  # a bug in this module; the broker's 4001 will end the connection
+                log.exception("token refresher failed")
                 return
-            self._finished = True
-            self._final_error = error
-        self._set_state(ConnectionState.CLOSED, error=error)
-        self._session.close(error)
-        self._ready.set()
 
-    def _set_state(
-        self,
-        state: ConnectionState,
-        *,
-        error: BaseException | None = None,
-        delay: float | None = None,
-        attempt: int = 0,
-    ) -> None:
+    def _token_changed(self) -> None:
+        self._token_event.set()
+
+    def _swap_state(self, state: ConnectionState) -> ConnectionState:
         with self._state_changed:
-            previous, self._state = self._state, state
+            previous = super()._swap_state(state)
             self._entered[state] += 1
             self._state_changed.notify_all()
-        change = StateChange(state, previous, error, delay, attempt)
-        for callback in list(self._state_callbacks):
-            try:
-                callback(change)
-            except Exception:
-                log_callback_error(log, "state callback", str(state))
-
-    def _report(self, error: BrokerClientError) -> None:
-        if self._on_error is None:
-            log.warning("broker client %s: %s", self.url, error)
-            return
-        try:
-            self._on_error(error)
-        except Exception:
-            log_callback_error(log, "error callback", str(error))
+        return previous

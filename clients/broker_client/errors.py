@@ -6,10 +6,17 @@ the library raises on purpose derives from `BrokerClientError`, so a script can 
 misuse of the API (wrong argument types, data that cannot be encoded) raises the ordinary
 `TypeError`/`ValueError`.
 
+A `BrokerError` is usually an `{"op":"error"}` reply on an open connection; `status` is None then.
+`UnauthorizedError` and `ForbiddenError` are also what the handshake's HTTP 401/403 raise (`status`
+401 or 403, `code` "unauthorized"/"forbidden"): the broker said no before any WebSocket opened.
+
     BrokerClientError
-    ├── BrokerError                 {"op":"error"} from the broker; .code, .message, .request_id
+    ├── BrokerError                 the broker said no; .code, .message, .request_id, .status
     │   ├── BadRequestError         code "bad_request" (bad topic, publish to a wildcard, ...)
-    │   ├── ForbiddenError          code "forbidden"
+    │   ├── ForbiddenError          code "forbidden" (outside the token's claims), or HTTP 403 at
+    │   │                           the handshake (Origin refused); alias `Forbidden`
+    │   ├── UnauthorizedError       code "unauthorized" (a refused `auth`), or HTTP 401 at the
+    │   │                           handshake (no valid token); alias `Unauthorized`
     │   ├── TooLargeError           code "too_large"
     │   ├── RateLimitedError        code "rate_limited"
     │   ├── NotFoundError           code "not_found"
@@ -17,6 +24,8 @@ misuse of the API (wrong argument types, data that cannot be encoded) raises the
     ├── BrokerConnectionError       the transport failed
     │   ├── ConnectError            could not open (refused, unreachable, handshake refused)
     │   └── ConnectionLostError     dropped under a waiting request, or for good (no reconnect)
+    │       └── TokenExpiredError   the broker closed with 4001: the token expired; alias
+    │                               `TokenExpired`
     ├── ClientClosedError           the client was closed (by `close()`), so the call cannot go on
     ├── RequestTimeoutError         no answer within the request timeout (also a `TimeoutError`)
     └── ProtocolError               the broker sent something wire protocol v1 does not allow
@@ -33,12 +42,17 @@ __all__ = [
     "ClientClosedError",
     "ConnectError",
     "ConnectionLostError",
+    "Forbidden",
     "ForbiddenError",
     "NotFoundError",
     "ProtocolError",
     "RateLimitedError",
     "RequestTimeoutError",
+    "TokenExpired",
+    "TokenExpiredError",
     "TooLargeError",
+    "Unauthorized",
+    "UnauthorizedError",
     "error_from_reply",
 ]
 
@@ -48,16 +62,25 @@ class BrokerClientError(Exception):
 
 
 class BrokerError(BrokerClientError):
-    """The broker answered a request with `{"op":"error"}`; the connection is still open."""
+    """The broker said no: an `{"op":"error"}` reply (the connection stays open), or for the auth
+    classes an HTTP status at the handshake (`status`; no connection was opened)."""
 
     #: The protocol's error code this class stands for (None on the base class: any unknown code).
     CODE: str | None = None
 
-    def __init__(self, code: str, message: str, request_id: int | str | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        request_id: int | str | None = None,
+        *,
+        status: int | None = None,
+    ) -> None:
         super().__init__(f"{code}: {message}" if message else code)
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.status = status
 
 
 class BadRequestError(BrokerError):
@@ -66,6 +89,10 @@ class BadRequestError(BrokerError):
 
 class ForbiddenError(BrokerError):
     CODE = "forbidden"
+
+
+class UnauthorizedError(BrokerError):
+    CODE = "unauthorized"
 
 
 class TooLargeError(BrokerError):
@@ -96,6 +123,10 @@ class ConnectionLostError(BrokerConnectionError):
     """The connection dropped under a waiting request, or for good when reconnect is off."""
 
 
+class TokenExpiredError(ConnectionLostError):
+    """The broker closed the connection with 4001 because the token expired before a refresh."""
+
+
 class ClientClosedError(BrokerClientError):
     """The client was closed by its owner."""
 
@@ -113,6 +144,7 @@ _BY_CODE: dict[str, type[BrokerError]] = {
     for cls in (
         BadRequestError,
         ForbiddenError,
+        UnauthorizedError,
         TooLargeError,
         RateLimitedError,
         NotFoundError,
@@ -125,3 +157,9 @@ _BY_CODE: dict[str, type[BrokerError]] = {
 def error_from_reply(code: str, message: str, request_id: int | str | None = None) -> BrokerError:
     """The typed exception for a broker error reply (`BrokerError` itself for unknown codes)."""
     return _BY_CODE.get(code, BrokerError)(code, message, request_id)
+
+
+# The names docs/protocol.md and the issue use; the classes keep the package's `...Error` style.
+Unauthorized = UnauthorizedError
+Forbidden = ForbiddenError
+TokenExpired = TokenExpiredError

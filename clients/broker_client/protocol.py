@@ -13,6 +13,7 @@ frame by its type, so a reply is decoded by the frame's type here too, whatever 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import random
 from collections.abc import Iterator
@@ -34,11 +35,16 @@ __all__ = [
     "ConnectionState",
     "Encoding",
     "ErrorReply",
+    "History",
     "Message",
     "Pong",
+    "Position",
     "Reply",
     "StateChange",
+    "is_concrete",
+    "parse_position",
     "parse_reply",
+    "token_expiry",
     "topic_matches",
 ]
 
@@ -60,9 +66,48 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class Position:
+    """Where a topic's stream stands: (`epoch`, `seq`) names one message for good. A new epoch means
+    the broker's counter started over (a restart, a forgotten topic): older positions are void."""
+
+    epoch: str
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.epoch}:{self.seq}"
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
+    """An acknowledgement; the optional fields are those its request's op adds (docs/protocol.md):
+    `delivered` (publish), `epoch`/`seq`/`recovered` (subscribe to a concrete topic, history),
+    `revoked` (auth), `messages` (history: (seq, data) pairs)."""
+
     id: RequestId
     delivered: int | None = None
+    epoch: str | None = None
+    seq: int | None = None
+    recovered: bool | None = None
+    revoked: tuple[str, ...] | None = None
+    messages: tuple[tuple[int, Any], ...] | None = None
+
+    @property
+    def position(self) -> Position | None:
+        if self.epoch is None or self.seq is None:
+            return None
+        return Position(self.epoch, self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """The answer to `history()`: the topic's current position, whether the asked-for range was
+    complete (`recovered`; False means older messages are gone or the epoch changed) and the
+    retained messages after `since`, oldest first."""
+
+    topic: str
+    position: Position
+    recovered: bool
+    messages: list[Message]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +173,59 @@ def _request_id(obj: dict[str, Any]) -> RequestId | None:
     raise ProtocolError(f"bad id in {obj!r:.200}")
 
 
+def _payload(obj: dict[str, Any]) -> Any:
+    """A message's data; an HTTP octet-stream publish reaches JSON connections as base64 text."""
+    data = obj["data"]
+    if obj.get("encoding") == "base64":
+        if not isinstance(data, str):
+            raise ProtocolError("base64 message whose data is not a string")
+        try:
+            return base64.b64decode(data, validate=True)
+        except ValueError as exc:
+            raise ProtocolError(f"bad base64 data: {exc}") from exc
+    return data
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_ack(obj: dict[str, Any]) -> Ack:
+    rid = _request_id(obj)
+    delivered, epoch, seq = obj.get("delivered"), obj.get("epoch"), obj.get("seq")
+    recovered, revoked, messages = obj.get("recovered"), obj.get("revoked"), obj.get("messages")
+    if (
+        rid is None
+        or not (delivered is None or _is_int(delivered))
+        or not (epoch is None or isinstance(epoch, str))
+        or not (seq is None or (_is_int(seq) and seq >= 0))
+        or not (recovered is None or isinstance(recovered, bool))
+        or not (
+            revoked is None
+            or (isinstance(revoked, list) and all(isinstance(p, str) for p in revoked))
+        )
+        or not (messages is None or isinstance(messages, list))
+    ):
+        raise ProtocolError(f"malformed ack: {obj!r:.200}")
+    entries: tuple[tuple[int, Any], ...] | None = None
+    if messages is not None:
+        parsed = []
+        for entry in messages:
+            if not isinstance(entry, dict) or not _is_int(entry.get("seq")) or "data" not in entry:
+                raise ProtocolError(f"malformed history entry: {entry!r:.200}")
+            parsed.append((entry["seq"], _payload(entry)))
+        entries = tuple(parsed)
+    return Ack(
+        rid,
+        delivered,
+        epoch,
+        seq,
+        recovered,
+        tuple(revoked) if revoked is not None else None,
+        entries,
+    )
+
+
 def parse_reply(obj: dict[str, Any]) -> Reply | None:
     """The typed form of a decoded server frame; None for an op unknown to protocol v1."""
     op = obj.get("op")
@@ -135,22 +233,9 @@ def parse_reply(obj: dict[str, Any]) -> Reply | None:
         topic, seq = obj.get("topic"), obj.get("seq")
         if not isinstance(topic, str) or not isinstance(seq, int) or "data" not in obj:
             raise ProtocolError(f"malformed message: {obj!r:.200}")
-        data = obj["data"]
-        # An HTTP octet-stream publish reaches JSON connections as base64 text with this marker.
-        if obj.get("encoding") == "base64":
-            if not isinstance(data, str):
-                raise ProtocolError("base64 message whose data is not a string")
-            try:
-                data = base64.b64decode(data, validate=True)
-            except ValueError as exc:
-                raise ProtocolError(f"bad base64 data: {exc}") from exc
-        return Message(topic, data, seq)
+        return Message(topic, _payload(obj), seq)
     if op == "ack":
-        rid = _request_id(obj)
-        delivered = obj.get("delivered")
-        if rid is None or not (delivered is None or isinstance(delivered, int)):
-            raise ProtocolError(f"malformed ack: {obj!r:.200}")
-        return Ack(rid, delivered)
+        return _parse_ack(obj)
     if op == "error":
         code, message = obj.get("code"), obj.get("message", "")
         if not isinstance(code, str) or not isinstance(message, str):
@@ -173,6 +258,37 @@ def topic_matches(pattern: str, topic: str) -> bool:
         if i >= len(have) or (token not in ("*", have[i])):
             return False
     return len(want) == len(have)
+
+
+def is_concrete(topic: str) -> bool:
+    """Whether a subscription names one topic (it has a position) rather than a pattern."""
+    return not any(token in ("*", ">") for token in topic.split("."))
+
+
+def parse_position(text: str) -> Position:
+    """`EPOCH:SEQ` (as `broker-cli subscribe --show-seq` prints it) as a `Position`."""
+    epoch, sep, seq = text.rpartition(":")
+    if not sep or not epoch or not seq.isdigit():
+        raise ValueError(f"position must be EPOCH:SEQ (e.g. Xa3kq9Zb:42), not {text!r}")
+    return Position(epoch, int(seq))
+
+
+def token_expiry(token: str) -> float | None:
+    """The `exp` claim of a JWT (Unix time), read without verifying: the client holds no key and
+    only needs to know when to ask for a new token. None for a token without a readable `exp`."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        # base64url without padding (RFC 7515 section 2); pad back to a multiple of 4.
+        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(payload)
+    except (ValueError, binascii.Error):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, int | float) and not isinstance(exp, bool):
+        return float(exp)
+    return None
 
 
 class ConnectionState(StrEnum):
