@@ -51,6 +51,17 @@ class Config:
     tls_key: str = _opt("", "PEM private key of --tls-cert (SIGHUP reloads both)")
     log_level: str = _opt("info", "debug, info, warning, error")
     log_format: LogFormat = _opt("text", "text or json", choices=("text", "json"))
+    # -- auth (docs/security.md) --
+    auth_secret: str = _opt("", "HMAC secret (HS256/384/512, >= 32 bytes); turns auth on")
+    auth_public_key: str = _opt(
+        "", "PEM public key or certificate file (RS*/PS*, ES*, EdDSA); turns auth on"
+    )
+    auth_jwks: str = _opt("", "JWKS file, key chosen by the token's kid; turns auth on")
+    auth_issuer: str = _opt("", "required iss claim (checked when set)")
+    auth_audience: str = _opt("", "required aud claim (checked when set)")
+    auth_leeway: float = _opt(5.0, "seconds of clock skew allowed on exp and nbf")
+    metrics_token: str = _opt("", "bearer token GET /metrics requires; empty = /metrics open")
+    metrics_token_file: str = _opt("", "file holding the --metrics-token (read at start)")
 
 
 def _flag(name: str) -> str:
@@ -113,4 +124,12 @@ def validate(config: Config) -> list[str]:
         problems.append("limits cannot be negative")
     if bool(config.tls_cert) != bool(config.tls_key):
         problems.append("--tls-cert and --tls-key go together: give both or neither")
+    # -- auth --
+    sources = [n for n in ("auth_secret", "auth_public_key", "auth_jwks") if getattr(config, n)]
+    if len(sources) > 1:
+        problems.append("give only one of " + ", ".join(_flag(n) for n in sources))
+    if not config.auth_leeway >= 0:
+        problems.append("auth_leeway must be 0 or more")
+    if config.metrics_token and config.metrics_token_file:
+        problems.append("give --metrics-token or --metrics-token-file, not both")
     return problems

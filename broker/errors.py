@@ -18,11 +18,27 @@ class ErrorCode(enum.StrEnum):
     """Codes of {"op":"error"} replies (protocol v1)."""
 
     BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
     NOT_FOUND = "not_found"
     INTERNAL = "internal"
+
+
+# Why a token was refused: the label of broker_auth_failures_total (broker/auth/tokens.py).
+AUTH_FAILURE_REASONS = (
+    "missing",
+    "malformed",
+    "signature",
+    "expired",
+    "not_yet_valid",
+    "audience",
+    "issuer",
+    "other",
+)
+# What a refusal for lack of permission refused: the label of broker_forbidden_total.
+FORBIDDEN_OPS = ("publish", "subscribe", "history", "admin")
 
 
 class RequestError(Exception):
@@ -64,6 +80,7 @@ class Closed(enum.Enum):
     INTERNAL_ERROR = ("internal_error", 1011)
     MAX_CONNECTIONS = ("max_connections", 0)
     TLS_ERROR = ("tls_error", 0)  # a failed TLS handshake or a bad record: no close frame
+    TOKEN_EXPIRED = ("token_expired", 4001)
 
     @property
     def label(self) -> str:

@@ -1,4 +1,4 @@
-"""Imports point one way: net -> pubsub -> wire; config, errors and metrics are leaves."""
+"""Imports point one way: net -> pubsub -> wire; auth, config, errors and metrics are leaves."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ BROKER = Path(__file__).resolve().parent.parent / "broker"
 # What each layer may import from the broker package (besides itself).
 ALLOWED = {
     "wire": {"errors"},
-    "pubsub": {"wire", "errors", "config", "metrics"},
-    "net": {"pubsub", "wire", "errors", "config", "metrics", "server"},  # server: types only
+    "pubsub": {"wire", "errors", "config", "metrics", "auth"},
+    "net": {"pubsub", "wire", "errors", "config", "metrics", "auth", "server"},  # server: types
+    "auth": {"errors", "config"},  # sans-IO security: tokens and permissions
     "config": set(),
     "errors": set(),
     "metrics": {"errors"},
@@ -48,7 +49,7 @@ def test_layer_imports(layer: str) -> None:
         layers, io = broker_imports(path)
         layers.discard(layer)
         assert layers <= ALLOWED[layer], f"{path.name} imports {layers - ALLOWED[layer]}"
-        if layer in ("wire", "pubsub"):
+        if layer in ("wire", "pubsub", "auth"):
             assert not io, f"sans-IO module {path.name} imports {io}"
 
 
