@@ -28,7 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from broker.errors import Closed
+from broker.errors import AUTH_FAILURE_REASONS, FORBIDDEN_OPS, Closed
 
 # Events per epoll_wait: bucket i holds waits with n events where n.bit_length() == i,
 # i.e. upper bounds 0, 1, 3, 7, ... 2**k - 1.
@@ -73,6 +73,8 @@ class Stats:
         self.internal_errors = 0
         self.tls_handshakes = 0
         self.tls_failures = dict.fromkeys(TLS_FAILURE_REASONS, 0)
+        self.auth_failures = dict.fromkeys(AUTH_FAILURE_REASONS, 0)
+        self.forbidden = dict.fromkeys(FORBIDDEN_OPS, 0)
 
     def record_wait(self, n: int) -> None:
         self.epoll_waits += 1
@@ -167,6 +169,22 @@ class BrokerCollector(Collector):
         for tls_reason, count in s.tls_failures.items():
             tls_failures.add_metric([tls_reason], count)
         yield tls_failures
+        failures = CounterMetricFamily(
+            "broker_auth_failures",
+            "Tokens refused (upgrade, auth op, HTTP), by reason",
+            labels=["reason"],
+        )
+        for auth_reason, count in s.auth_failures.items():
+            failures.add_metric([auth_reason], count)
+        yield failures
+        forbidden = CounterMetricFamily(
+            "broker_forbidden",
+            "Requests refused by the token's claims (WebSocket and HTTP), by operation",
+            labels=["op"],
+        )
+        for op, count in s.forbidden.items():
+            forbidden.add_metric([op], count)
+        yield forbidden
         for name, gauge in self.gauges().items():
             yield GaugeMetricFamily(name, _GAUGE_HELP.get(name, name), value=gauge)
 

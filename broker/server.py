@@ -5,11 +5,19 @@ and connections -> signals -> due timers -> `_end_of_iteration` (slow-consumer p
 flush per connection whose buffer became non-empty). Deadlines of connections are checked by
 `_sweep` once a second, a walk over the table that costs well under a millisecond at 20k
 connections; nothing per connection is scheduled.
+
+Token expiry is the exception, because it must be punctual (close 4001 at `exp + leeway`, not up
+to a second later): connections whose token expires are kept in one heap of (deadline, n, token,
+grant), served by a single loop timer armed for the earliest entry. An entry is stale when its
+connection closed (the loop token finds nothing) or re-authenticated (its grant is another
+object): stale entries are skipped when they come up, and the heap is rebuilt without them when
+they outnumber the connections, so churn cannot grow it without bound.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import logging
 import os
@@ -25,21 +33,40 @@ from typing import Any
 from wsproto.events import Ping
 
 from broker import __version__, config
+from broker.auth.permissions import Grant
+from broker.auth.tokens import AuthConfigError, TokenVerifier
 from broker.config import Config
 from broker.errors import Closed
 from broker.metrics import Stats, make_registry, render
 from broker.net.connection import CLOSED, CLOSING, HTTP, LINGER, OPEN, Connection
 from broker.net.listener import Listener
-from broker.net.loop import EventLoop
+from broker.net.loop import EventLoop, Timer
 from broker.net.tls import TlsConnection, TlsSetupError, server_context
 from broker.pubsub.http_api import HttpApi
 from broker.pubsub.router import Router
+from broker.pubsub.session import Session
+from broker.wire.handshake import HttpRequest
 
 log = logging.getLogger("broker")
 
 FD_RESERVE = 32  # descriptors kept for the listener, epoll, logs and /proc reads
 SWEEP_INTERVAL = 1.0
 INTERNAL_ERROR_LOGS_PER_MINUTE = 10
+MAX_EXPIRY_DELAY = 10 * 365 * 86400.0  # later than this is never, for the loop's timer
+
+
+def metrics_token(cfg: Config) -> str:
+    """The --metrics-token, or the first line of --metrics-token-file; AuthConfigError."""
+    if not cfg.metrics_token_file:
+        return cfg.metrics_token
+    try:
+        with open(cfg.metrics_token_file, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuthConfigError(f"--metrics-token-file {cfg.metrics_token_file}: {exc}") from None
+    if not token:
+        raise AuthConfigError(f"--metrics-token-file {cfg.metrics_token_file} is empty")
+    return token
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -66,9 +93,15 @@ class Server:
         if cfg.tls_cert:
             self.tls_context = server_context(cfg.tls_cert, cfg.tls_key)
         self.loop = EventLoop(self.stats, fd_limit)
-        self.router = Router(cfg, self.stats)
+        self.router = Router(cfg, self.stats, TokenVerifier.from_config(cfg))
+        self.router.on_grant = self.schedule_expiry
         self.registry = make_registry(self.stats, self.gauges)
-        self.api = HttpApi(self.router, lambda: render(self.registry), self.snapshot)
+        self.api = HttpApi(
+            self.router, lambda: render(self.registry), self.snapshot, metrics_token(cfg)
+        )
+        self._expiries: list[tuple[float, int, int, Grant]] = []
+        self._expiry_seq = itertools.count()
+        self._expiry_timer: Timer | None = None
         self.listener = Listener(self.loop, cfg.host, cfg.port, cfg.backlog, self.accept)
         self.connections = 0
         self.stopping = False
@@ -118,6 +151,54 @@ class Server:
         if len(times) < INTERNAL_ERROR_LOGS_PER_MINUTE:
             times.append(now)
             log.error("error serving connection fd=%d, closing it", conn.fd, exc_info=exc)
+
+    # -- authentication ------------------------------------------------------------------------
+
+    def authenticate(self, req: HttpRequest) -> Grant | None:
+        """The upgrade's Grant (None when auth is off), else HandshakeError 401."""
+        return self.api.authenticate(req, allow_query=True)
+
+    def schedule_expiry(self, session: Session) -> None:
+        """Close `session` with 4001 when its current grant's token expires (plus leeway)."""
+        grant = session.grant
+        if grant is None or grant.expires is None or not isinstance(session, Connection):
+            return
+        leeway = self.config.auth_leeway
+        delay = grant.expires + leeway - time.time()
+        if delay > MAX_EXPIRY_DELAY:
+            return
+        when = self.loop.now + max(0.0, delay)
+        heap = self._expiries
+        heapq.heappush(heap, (when, next(self._expiry_seq), session.token, grant))
+        if len(heap) > 2 * self.connections + 1024:
+            self._expiries = heap = [e for e in heap if self._expiry_live(e[2], e[3])]
+            heapq.heapify(heap)
+        timer = self._expiry_timer
+        if timer is None or when < timer.when:
+            if timer is not None:
+                timer.cancel()
+            self._expiry_timer = self.loop.call_later(when - self.loop.now, self._expire)
+
+    def _expiry_live(self, token: int, grant: Grant) -> Connection | None:
+        conn = self.loop.table.get(token)
+        if isinstance(conn, Connection) and conn.grant is grant and conn.state != CLOSED:
+            return conn
+        return None
+
+    def _expire(self) -> None:
+        self._expiry_timer = None
+        now = self.loop.now
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            _, _, token, grant = heapq.heappop(heap)
+            conn = self._expiry_live(token, grant)
+            if conn is not None and conn.state == OPEN:
+                try:
+                    conn.close(Closed.TOKEN_EXPIRED, "token expired")
+                except Exception as exc:
+                    self.internal_error(conn, exc)
+        if heap:
+            self._expiry_timer = self.loop.call_later(heap[0][0] - now, self._expire)
 
     def _connections(self) -> list[Connection]:
         return [c for c in self.loop.table.slots if isinstance(c, Connection)]
@@ -302,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TlsSetupError as exc:
         log.error("--tls-cert/--tls-key: %s", exc)  # noqa: TRY400
         return 1
+    except AuthConfigError as exc:
+        log.error("%s", exc)  # noqa: TRY400
+        return 2
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror)  # noqa: TRY400
         return 1
@@ -321,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.max_connections,
         os.getpid(),
     )
+    if server.router.verifier is not None:
+        log.info("authentication on: every connection needs a valid token (docs/security.md)")
     server.run()
     log.info("stopped")
     return 0

@@ -30,7 +30,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from broker.errors import Closed, HandshakeError
 from broker.pubsub.session import Session
-from broker.wire.handshake import HttpExchange, HttpRequest
+from broker.wire.handshake import HttpExchange, HttpRequest, check_upgrade
 
 if TYPE_CHECKING:
     from broker.server import Server
@@ -232,7 +232,13 @@ class Connection(Session):
                 self.abort(reason)
 
     def _upgrade(self, http: HttpExchange, req: HttpRequest) -> None:
-        upgrade = http.accept_upgrade(req)
+        # The upgrade's own validity (400/426), then the token (401), then the 101.
+        checked = check_upgrade(req)
+        grant = self.server.authenticate(req)
+        upgrade = http.accept_upgrade(req, checked)
+        if grant is not None:
+            self.grant = grant
+            self.server.schedule_expiry(self)
         self.queue(upgrade.response)
         self.http = None  # the h11 state is no longer needed: only wsproto's stays
         self.encoding = upgrade.encoding

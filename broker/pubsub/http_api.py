@@ -10,17 +10,26 @@ the same headers and no body):
     POST /publish/{topic}   body = data (application/json, application/msgpack,
                             application/octet-stream) -> 202 {"delivered": n}
     GET  /  and /client.js  the live page and the browser client, from package data
+
+With auth on (docs/security.md), `/publish` needs `Authorization: Bearer <token>` whose `publish`
+claim matches the topic and `/stats` a token with `"admin": true`: 401 with a `WWW-Authenticate`
+challenge without a valid token, 403 when the token does not allow it. `/metrics` needs the
+`--metrics-token` as a Bearer token when one is set. `/healthz`, `/` and `/client.js` stay open
+(the page asks for a token when /stats refuses it).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
-from broker.errors import RequestError
+from broker.auth.permissions import Grant
+from broker.auth.tokens import AuthError, bearer_token, query_token
+from broker.errors import HandshakeError, RequestError
 from broker.pubsub.router import Router
 from broker.wire import codec
 from broker.wire.handshake import HttpRequest
@@ -50,33 +59,81 @@ def _error(status: int, message: str) -> Response:
     return _json(status, {"error": message})
 
 
+# RFC 6750 section 3: the challenge of a 401 (with error="invalid_token" when a token was given)
+# and of a 403 (the token is valid but does not allow the request).
+_CHALLENGE = b'Bearer realm="broker"'
+_INVALID = ((b"www-authenticate", _CHALLENGE + b', error="invalid_token"'),)
+_NO_TOKEN = ((b"www-authenticate", _CHALLENGE),)
+_SCOPE = ((b"www-authenticate", _CHALLENGE + b', error="insufficient_scope"'),)
+
+
+def _forbidden(message: str) -> Response:
+    body = json.dumps({"error": message}).encode()
+    return Response(403, body, JSON_TYPE, _SCOPE)
+
+
 class HttpApi:
     def __init__(
         self,
         router: Router,
         render_metrics: Callable[[], bytes],
         snapshot: Callable[[], dict[str, Any]],
+        metrics_token: str = "",
     ) -> None:
         self.router = router
         self.render_metrics = render_metrics
         self.snapshot = snapshot
+        self.metrics_token = metrics_token.encode()
         self._static: dict[str, bytes] = {}
 
+    def authenticate(self, req: HttpRequest, allow_query: bool = False) -> Grant | None:
+        """The Grant of the request's token (None when auth is off), else HandshakeError 401.
+
+        The token is the `Authorization: Bearer` header's; with `allow_query` (the WebSocket
+        upgrade, which browsers cannot give headers) else the `?token=` query parameter's."""
+        verifier = self.router.verifier
+        if verifier is None:
+            return None
+        token = bearer_token(req.header(b"authorization"))
+        if token is None and allow_query:
+            token = query_token(req.target)
+        try:
+            return verifier.verify(token)
+        except AuthError as exc:
+            self.router.stats.auth_failures[exc.reason] += 1
+            headers = _NO_TOKEN if token is None else _INVALID
+            raise HandshakeError(401, f"unauthorized: {exc.reason}", headers) from None
+
     def handle(self, req: HttpRequest) -> Response:
+        try:
+            return self._route(req)
+        except HandshakeError as exc:
+            return _json(exc.status, {"error": exc.message})._replace(headers=exc.headers)
+
+    def _route(self, req: HttpRequest) -> Response:
         path = req.path
         method = req.method
         if path.startswith("/publish/"):
             if method != b"POST":
                 return Response(405, b"use POST\n", headers=((b"allow", b"POST"),))
-            return self._publish(path[len("/publish/") :], req)
+            return self._publish(path[len("/publish/") :], req, self.authenticate(req))
         # HEAD is GET without the body (RFC 9110 section 9.3.2); the exchange leaves the body out.
         if method not in (b"GET", b"HEAD"):
             return Response(405, b"method not allowed\n", headers=((b"allow", b"GET, HEAD"),))
         if path == "/healthz":
             return Response(200, b"ok")
         if path == "/metrics":
+            if self.metrics_token:
+                given = bearer_token(req.header(b"authorization"))
+                if given is None or not hmac.compare_digest(given.encode(), self.metrics_token):
+                    headers = _NO_TOKEN if given is None else _INVALID
+                    return Response(401, b"unauthorized\n", headers=headers)
             return Response(200, self.render_metrics(), b"text/plain; version=0.0.4")
         if path == "/stats":
+            grant = self.authenticate(req)
+            if grant is not None and not grant.admin:
+                self.router.stats.forbidden["admin"] += 1
+                return _forbidden("the token is not an admin token")
             return Response(200, json.dumps(self.snapshot()).encode(), JSON_TYPE, _NO_CACHE)
         if path in _STATIC:
             name, content_type = _STATIC[path]
@@ -93,13 +150,16 @@ class HttpApi:
                 return None
         return self._static[name]
 
-    def _publish(self, raw_topic: str, req: HttpRequest) -> Response:
+    def _publish(self, raw_topic: str, req: HttpRequest, grant: Grant | None) -> Response:
         try:
             topic = check_topic(unquote(raw_topic, errors="strict"), pattern=False)
         except UnicodeDecodeError:
             return _error(400, "topic is not valid UTF-8")
         except RequestError as exc:
             return _error(400, exc.message)
+        if grant is not None and not grant.may_publish(topic):
+            self.router.stats.forbidden["publish"] += 1
+            return _forbidden("the token does not allow publishing to this topic")
         content_type = (req.header(b"content-type") or JSON_TYPE).split(b";")[0].strip().lower()
         data: Any
         if content_type == b"application/octet-stream":

@@ -11,6 +11,11 @@ Slow consumers: a session whose `out` is over the high-water mark gets nothing m
 counted) and is listed once in `over`; the loop applies the configured policy to it. So a slow
 session's memory is bounded by the mark plus one frame, and it never slows anyone else.
 
+Permissions (broker/auth): a session's `grant` is None when auth is off, and then a publish pays
+one `is None` test for it. Otherwise a publish outside the token's `publish` claim, or a subscribe
+its `subscribe` claim does not cover (permissions.covers), is refused with `forbidden` before it
+has any effect. `auth` replaces the grant and removes the subscriptions the new one does not cover.
+
 `seq` is one counter per concrete topic, kept for the most recently published `seq_topics` topics
 (an LRU): a topic unseen for that long restarts at 1, which clients treat as a restart, not a gap.
 """
@@ -18,9 +23,11 @@ session's memory is bounded by the mark plus one frame, and it never slows anyon
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from operator import attrgetter
 from typing import Any
 
+from broker.auth.tokens import AuthError, TokenVerifier
 from broker.config import Config
 from broker.errors import ErrorCode, RequestError
 from broker.metrics import Stats
@@ -28,13 +35,20 @@ from broker.pubsub.session import Session
 from broker.pubsub.topics import Sublist
 from broker.wire import codec, messages
 from broker.wire.codec import Encoding
-from broker.wire.messages import PING, PUBLISH, SUBSCRIBE
+from broker.wire.messages import AUTH, PING, PUBLISH, SUBSCRIBE
+
+
+def _nothing(session: Session) -> None:
+    pass
 
 
 class Router:
-    def __init__(self, config: Config, stats: Stats) -> None:
+    def __init__(self, config: Config, stats: Stats, verifier: TokenVerifier | None = None) -> None:
         self.config = config
         self.stats = stats
+        self.verifier = verifier  # None: auth is off
+        # Called after `auth` gave a session a new grant (the server re-arms its expiry).
+        self.on_grant: Callable[[Session], None] = _nothing
         self.sublist: Sublist[Session] = Sublist(
             attrgetter("encoding"), groups=len(Encoding), cache_size=config.topic_cache_size
         )
@@ -54,15 +68,24 @@ class Router:
             req_id = req.id
             op = req.op
             if op == PUBLISH:
+                grant = session.grant
+                if grant is not None and not grant.may_publish(req.topic):
+                    self._forbid("publish", "publishing to this topic")
                 self._check_rate(session)
                 delivered = self.publish(req.topic, req.data)
                 if req.id is not None:
                     self.reply(session, messages.ack(req.id, session.encoding, delivered))
             elif op == SUBSCRIBE:
+                grant = session.grant
+                if grant is not None and not grant.may_subscribe(req.topic):
+                    self._forbid("subscribe", "subscribing to this pattern")
                 self.subscribe(session, req.topic)
                 self.reply(session, messages.ack(req.id, session.encoding))
             elif op == PING:
                 self.reply(session, messages.pong(req.id, session.encoding))
+            elif op == AUTH:
+                revoked = self.reauthenticate(session, req.data)
+                self.reply(session, messages.auth_ack(req.id, session.encoding, revoked))
             else:
                 self.unsubscribe(session, req.topic)
                 self.reply(session, messages.ack(req.id, session.encoding))
@@ -78,6 +101,29 @@ class Router:
             self.dirty.append(session)
         session.out.append(frame)
         session.queued += len(frame)
+
+    def _forbid(self, op: str, what: str) -> None:
+        self.stats.forbidden[op] += 1
+        raise RequestError(ErrorCode.FORBIDDEN, f"the token does not allow {what}")
+
+    def reauthenticate(self, session: Session, token: str) -> list[str]:
+        """Replace the session's grant with `token`'s; returns the patterns unsubscribed because
+        the new grant does not cover them. An invalid token changes nothing (`unauthorized`).
+        With auth off the token is ignored, so a client that refreshes works anywhere."""
+        verifier = self.verifier
+        if verifier is None:
+            return []
+        try:
+            grant = verifier.verify(token)
+        except AuthError as exc:
+            self.stats.auth_failures[exc.reason] += 1
+            raise RequestError(ErrorCode.UNAUTHORIZED, f"invalid token ({exc.reason})") from None
+        revoked = sorted(p for p in session.patterns or () if not grant.may_subscribe(p))
+        for pattern in revoked:
+            self.unsubscribe(session, pattern)
+        session.grant = grant
+        self.on_grant(session)
+        return revoked
 
     def _check_rate(self, session: Session) -> None:
         rate = self.config.publish_rate

@@ -159,9 +159,14 @@ class HttpExchange:
         """No request in progress: an idle keep-alive connection."""
         return self._h11.their_state is h11.IDLE and not self._h11.trailing_data[0]
 
-    def accept_upgrade(self, request: HttpRequest) -> Upgrade:
-        """Check an upgrade request (RFC 6455 section 4.2.1) and answer it with 101."""
-        key, encoding, subprotocol = check_upgrade(request)
+    def accept_upgrade(
+        self, request: HttpRequest, checked: tuple[bytes, Encoding, str | None] | None = None
+    ) -> Upgrade:
+        """Check an upgrade request (RFC 6455 section 4.2.1) and answer it with 101.
+
+        `checked` is `check_upgrade(request)` when the caller already ran it (it authenticates
+        between the check and the 101)."""
+        key, encoding, subprotocol = checked or check_upgrade(request)
         headers = [
             (b"upgrade", b"websocket"),
             (b"connection", b"Upgrade"),

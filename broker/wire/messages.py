@@ -29,7 +29,8 @@ SUBSCRIBE = "subscribe"
 UNSUBSCRIBE = "unsubscribe"
 PUBLISH = "publish"
 PING = "ping"
-OPS = frozenset((SUBSCRIBE, UNSUBSCRIBE, PUBLISH, PING))
+AUTH = "auth"
+OPS = frozenset((SUBSCRIBE, UNSUBSCRIBE, PUBLISH, PING, AUTH))
 
 
 class Request(NamedTuple):
@@ -92,6 +93,11 @@ def parse_request(payload: str | bytes, binary: bool) -> Request:
             return Request(op, check_topic(msg.get("topic"), True), None, req_id)
         if op == PING:
             return Request(PING, "", None, req_id)
+        if op == AUTH:
+            token = msg.get("token")
+            if not isinstance(token, str):
+                raise RequestError(ErrorCode.BAD_REQUEST, "auth needs a token string")
+            return Request(AUTH, "", token, req_id)
         if op is None:
             raise RequestError(ErrorCode.BAD_REQUEST, "missing op")
         raise RequestError(ErrorCode.BAD_REQUEST, f"unknown op {str(op)[:32]!r}")
@@ -121,6 +127,13 @@ def ack(req_id: object, encoding: Encoding, delivered: int | None = None) -> byt
     reply = _with_id({"op": "ack"}, req_id)
     if delivered is not None:
         reply["delivered"] = delivered
+    return codec.encode(reply, encoding)
+
+
+def auth_ack(req_id: object, encoding: Encoding, revoked: list[str]) -> bytes:
+    """The answer to `auth`: the subscriptions the new token no longer allows were removed."""
+    reply = _with_id({"op": "ack"}, req_id)
+    reply["revoked"] = revoked
     return codec.encode(reply, encoding)
 
 
