@@ -1,12 +1,18 @@
-"""`broker-cli`: publish, subscribe, ping and read stats from a terminal or a shell script.
+"""`broker-cli`: publish, subscribe, read history, ping, read stats and mint development tokens
+from a terminal or a shell script.
 
 Built on `AsyncClient` and argparse. Expected failures (broker unreachable, an error reply, bad
 input) print one line `broker-cli: error: ...` on stderr and exit with a code a script can test;
 only a bug shows a traceback. Results go to stdout, progress and connection news to stderr, so
 `broker-cli subscribe t | jq .data` sees nothing but messages.
 
-Exit codes: 0 success; 1 the broker answered with an error; 2 bad usage or input; 3 the broker could
-not be reached or the connection was lost; 130 interrupted (publish, ping).
+Exit codes: 0 success; 1 the broker answered with an error (including a refused token: HTTP 401 or
+403 at the handshake, `unauthorized`, `forbidden`); 2 bad usage or input; 3 the broker could not be
+reached or the connection was lost (also a token that expired, close 4001); 130 interrupted
+(publish, ping).
+
+Every command takes `--token` (default `$BROKER_TOKEN`), sent as `Authorization: Bearer`, and
+`--cafile` for a `wss://` broker whose certificate a private CA signed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +34,16 @@ from typing import Any, NoReturn, TextIO
 
 from .aio import AsyncClient
 from .errors import BrokerClientError, BrokerConnectionError, BrokerError, RequestTimeoutError
-from .protocol import DEFAULT_URL, ConnectionState, Message, StateChange
+from .protocol import (
+    DEFAULT_URL,
+    ConnectionState,
+    Message,
+    Position,
+    StateChange,
+    is_concrete,
+    parse_position,
+)
+from .session import Unrecovered
 from .stats import fetch_metrics, http_base, render_table, summary
 
 __all__ = ["main"]
@@ -140,18 +156,34 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
-def message_line(message: Message) -> str:
-    """One output line: {"topic","seq","data"}; bytes as base64 with "encoding":"base64" added."""
-    record: dict[str, Any] = {"topic": message.topic, "seq": message.seq, "data": message.data}
+def message_line(message: Message, epoch: str | None = None) -> str:
+    """One output line: {"topic","seq","data"} ("epoch" too when given); bytes as base64 with
+    "encoding":"base64" added."""
+    record: dict[str, Any] = {"topic": message.topic, "seq": message.seq}
+    if epoch is not None:
+        record["epoch"] = epoch
+    record["data"] = message.data
     if isinstance(message.data, bytes):
         record["data"] = base64.b64encode(message.data).decode("ascii")
         record["encoding"] = "base64"
     return json.dumps(record, ensure_ascii=False, default=_json_default)
 
 
+def _since(args: argparse.Namespace) -> Position | None:
+    if args.since is None:
+        return None
+    try:
+        return parse_position(args.since)
+    except ValueError as exc:
+        raise UsageError(f"--since: {exc}") from None
+
+
 async def _subscribe(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         raise UsageError("--count must be at least 1")
+    since = _since(args)
+    if since is not None and (len(args.topics) != 1 or not is_concrete(args.topics[0])):
+        raise UsageError("--since needs exactly one concrete TOPIC (positions are per topic)")
     done = asyncio.Event()
     printed = 0
     last: Message | None = None
@@ -165,8 +197,12 @@ async def _subscribe(args: argparse.Namespace) -> int:
         if message is last or done.is_set():
             return
         last = message
+        epoch = None
+        if args.show_seq:
+            position = client.position(message.topic)
+            epoch = position.epoch if position is not None else None
         try:
-            sys.stdout.write(message_line(message) + "\n")
+            sys.stdout.write(message_line(message, epoch) + "\n")
             sys.stdout.flush()
         except BrokenPipeError:
             # `broker-cli subscribe t | head -1`: the reader is gone; stop quietly, and point stdout
@@ -178,11 +214,17 @@ async def _subscribe(args: argparse.Namespace) -> int:
         if args.count is not None and printed >= args.count:
             done.set()
 
+    client = _client(args, report_states=True)
     try:
-        async with _client(args, report_states=True) as client:
+        async with client:
             for topic in args.topics:
-                await client.subscribe(topic, on_message)
+                await client.subscribe(topic, on_message, since=since)
             _err(f"subscribed to {', '.join(args.topics)} at {args.url}")
+            if args.show_seq:
+                for topic in args.topics:
+                    position = client.position(topic)
+                    if position is not None:
+                        _err(f"{topic} at {position}")
             closed = asyncio.create_task(client.wait_for_state(ConnectionState.CLOSED))
             stop = asyncio.create_task(done.wait())
             await asyncio.wait({closed, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -193,6 +235,48 @@ async def _subscribe(args: argparse.Namespace) -> int:
             loop.remove_signal_handler(sig)
         with contextlib.suppress(BrokenPipeError, ValueError):
             sys.stdout.flush()
+    return EXIT_OK
+
+
+# history
+
+
+async def _history(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    since = _since(args)
+    async with _client(args) as client:
+        history = await client.history(args.topic, since=since, limit=args.limit)
+    for message in history.messages:
+        print(message_line(message, history.position.epoch), flush=True)
+    complete = "complete" if history.recovered else "not complete (older messages are gone)"
+    _err(f"{args.topic} at {history.position}; {len(history.messages)} messages, {complete}")
+    return EXIT_OK
+
+
+# token
+
+
+def _token(args: argparse.Namespace) -> int:
+    import jwt  # PyJWT: only this development command signs tokens
+
+    if args.ttl <= 0:
+        raise UsageError("--ttl must be positive")
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": args.sub,
+        "iat": now,
+        "exp": now + args.ttl,
+        "publish": args.publish,
+        "subscribe": args.subscribe,
+    }
+    if args.admin:
+        claims["admin"] = True
+    if args.aud:
+        claims["aud"] = args.aud
+    if args.iss:
+        claims["iss"] = args.iss
+    print(jwt.encode(claims, args.secret, algorithm=args.alg))
     return EXIT_OK
 
 
@@ -214,7 +298,9 @@ def _stats(args: argparse.Namespace) -> int:
         base = http_base(args.url)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    metrics = fetch_metrics(base, timeout=args.timeout)
+    metrics = fetch_metrics(
+        base, timeout=args.timeout, context=_ssl_context(args), token=args.token or None
+    )
     sections = summary(metrics)
     if args.json:
         out = {name: {label: value for label, value, _ in rows} for name, rows in sections}
@@ -225,6 +311,16 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 # wiring
+
+
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context for wss:// and https://: the system's CAs, or --cafile's."""
+    if args.cafile is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=args.cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--cafile {args.cafile}: {exc}") from None
 
 
 def _client(args: argparse.Namespace, *, report_states: bool = False) -> AsyncClient:
@@ -239,6 +335,11 @@ def _client(args: argparse.Namespace, *, report_states: bool = False) -> AsyncCl
             lost = False
             _err(f"reconnected to {args.url}")
 
+    def on_unrecovered(event: Unrecovered) -> None:
+        _err(f"{event.topic}: messages were lost across the reconnect ({event.reason})")
+
+    if args.cafile is not None and not args.url.startswith("wss:"):
+        raise UsageError("--cafile is for wss:// URLs")
     return AsyncClient(
         args.url,
         encoding="msgpack" if getattr(args, "msgpack", False) else "json",
@@ -246,6 +347,9 @@ def _client(args: argparse.Namespace, *, report_states: bool = False) -> AsyncCl
         open_timeout=args.timeout,
         on_state_change=on_state if report_states else None,
         on_error=lambda error: _err(f"broker: {error}"),
+        on_unrecovered=on_unrecovered,
+        token=args.token or None,
+        ssl=_ssl_context(args),
     )
 
 
@@ -275,6 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="S",
         help="seconds to wait for a connection or an answer (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("BROKER_TOKEN"),
+        metavar="JWT",
+        help="token sent as Authorization: Bearer (default: $BROKER_TOKEN)",
+    )
+    parser.add_argument(
+        "--cafile",
+        metavar="FILE",
+        help="PEM CA certificate(s) to verify a wss:// broker with (default: the system's)",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log the client's debug output"
@@ -310,13 +425,73 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             'Subscribe to each TOPIC (wildcards: "*" one token, a final ">" the rest) and print '
             'one JSON line per message: {"topic", "seq", "data"} (binary data as base64 with '
-            '"encoding": "base64"). Runs until Ctrl-C or --count messages; reconnects by itself.'
+            '"encoding": "base64"). Runs until Ctrl-C or --count messages; reconnects by itself '
+            "and recovers what it missed meanwhile when the broker still has it (stderr says when "
+            "it could not)."
         ),
     )
     sub.add_argument("topics", metavar="TOPIC", nargs="+", help="topic or pattern")
     sub.add_argument("--count", type=int, metavar="N", help="exit after N messages")
     sub.add_argument("--msgpack", action="store_true", help="use the msgpack encoding")
+    sub.add_argument(
+        "--show-seq",
+        action="store_true",
+        help='add "epoch" to each line and print each topic\'s starting EPOCH:SEQ on stderr',
+    )
+    sub.add_argument(
+        "--since",
+        metavar="EPOCH:SEQ",
+        help="first replay the retained messages after this position (one concrete TOPIC)",
+    )
     sub.set_defaults(run=_subscribe)
+
+    hist = commands.add_parser(
+        "history",
+        help="print a topic's retained messages as JSON lines",
+        description=(
+            "Print the retained messages of a concrete TOPIC, oldest first, as the JSON lines of "
+            'subscribe (with "epoch"); the topic\'s position and whether the range was complete '
+            "go to stderr."
+        ),
+    )
+    hist.add_argument("topic", metavar="TOPIC", help="concrete topic")
+    hist.add_argument("--since", metavar="EPOCH:SEQ", help="only the messages after this position")
+    hist.add_argument("--limit", type=int, metavar="N", help="at most N messages")
+    hist.set_defaults(run=_history)
+
+    tok = commands.add_parser(
+        "token",
+        help="sign a token for development (PyJWT)",
+        description=(
+            "Print a JWT signed with SECRET for a broker started with --auth-secret SECRET. For "
+            "development and tests: production tokens come from your identity provider."
+        ),
+    )
+    tok.add_argument("--secret", required=True, help="the broker's --auth-secret")
+    tok.add_argument("--sub", required=True, metavar="USER", help="the user id (sub claim)")
+    tok.add_argument(
+        "--publish", action="append", default=[], metavar="P", help="may publish to P (repeat)"
+    )
+    tok.add_argument(
+        "--subscribe", action="append", default=[], metavar="P", help="may subscribe to P (repeat)"
+    )
+    tok.add_argument("--admin", action="store_true", help="may read /stats")
+    tok.add_argument(
+        "--ttl",
+        type=int,
+        default=3600,
+        metavar="S",
+        help="seconds until exp (default: %(default)s)",
+    )
+    tok.add_argument(
+        "--alg",
+        default="HS256",
+        choices=["HS256", "HS384", "HS512"],
+        help="HMAC algorithm (default: %(default)s)",
+    )
+    tok.add_argument("--aud", help="audience claim, for a broker with --auth-audience")
+    tok.add_argument("--iss", help="issuer claim, for a broker with --auth-issuer")
+    tok.set_defaults(run=_token)
 
     ping = commands.add_parser(
         "ping",
@@ -332,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the broker's key metrics",
         description=(
             "Read the broker's Prometheus /metrics (its HTTP URL is derived from --url: "
-            "ws://HOST:PORT/ws -> http://HOST:PORT/metrics) and print the key figures."
+            "ws://HOST:PORT/ws -> http://HOST:PORT/metrics) and print the key figures. --token "
+            "goes along as Bearer, for a broker started with --metrics-token."
         ),
     )
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")

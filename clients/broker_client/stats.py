@@ -8,6 +8,7 @@ broker. Parsing uses prometheus-client's own text parser, the reference for the 
 from __future__ import annotations
 
 import math
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -88,11 +89,19 @@ def parse_metrics(text: str) -> Metrics:
     return metrics
 
 
-def fetch_metrics(base: str, timeout: float = 5.0) -> Metrics:
-    """GET {base}/metrics; `ConnectError` with a readable reason when that fails."""
+def fetch_metrics(
+    base: str,
+    timeout: float = 5.0,
+    context: ssl.SSLContext | None = None,
+    token: str | None = None,
+) -> Metrics:
+    """GET {base}/metrics (with `Authorization: Bearer token` for a broker started with
+    --metrics-token); `ConnectError` with a readable reason when that fails."""
     url = base + "/metrics"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             text = response.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
         raise ConnectError(f"{url} answered HTTP {exc.code} {exc.reason}") from exc

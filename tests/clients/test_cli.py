@@ -259,3 +259,33 @@ def test_subscribe_into_a_closed_pipe_exits_quietly(broker: BrokerProcess) -> No
             proc.communicate(timeout=5)
     assert json.loads(out)["data"] == "x"
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+SECRET = "a-development-secret-long-enough-for-hs384-and-hs512-keys-0123456789"
+
+
+def test_token_signs_the_claims_asked_for() -> None:
+    import jwt
+
+    done = cli(
+        "token", "--secret", SECRET, "--sub", "alice", "--publish", "a.>", "--publish", "b",
+        "--subscribe", ">", "--admin", "--ttl", "90", "--alg", "HS384",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    claims = jwt.decode(done.stdout.strip(), SECRET, algorithms=["HS384"])
+    assert claims["sub"] == "alice" and claims["admin"] is True
+    assert (claims["publish"], claims["subscribe"]) == (["a.>", "b"], [">"])
+    assert claims["exp"] - claims["iat"] == 90
+    bare = jwt.decode(cli("token", "--secret", SECRET, "--sub", "u").stdout.strip(), SECRET,
+                      algorithms=["HS256"])  # fmt: skip
+    assert (bare["publish"], bare["subscribe"], "admin" in bare) == ([], [], False)
+    assert_clean_failure(cli("token", "--secret", SECRET, "--sub", "u", "--ttl", "0"), 2, "--ttl")
+    assert cli("token", "--sub", "u").returncode == 2  # --secret is required
+
+
+def test_since_must_be_a_position_on_one_concrete_topic(broker: BrokerProcess) -> None:
+    url = ["--url", broker.url]
+    assert_clean_failure(cli(*url, "subscribe", "t", "--since", "nope"), 2, "EPOCH:SEQ")
+    assert_clean_failure(cli(*url, "subscribe", "t.*", "--since", "E:1"), 2, "concrete")
+    assert_clean_failure(cli(*url, "subscribe", "a", "b", "--since", "E:1"), 2, "concrete")
+    assert_clean_failure(cli(*url, "history", "t", "--limit", "0"), 2, "--limit")
