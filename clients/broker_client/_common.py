@@ -347,8 +347,11 @@ class ClientBase:
         if self._state is ConnectionState.IDLE:
             raise RuntimeError("the client is not connected: call connect() first")
         if self._closing.is_set() or self._state is ConnectionState.CLOSED:
-            if self._final_error is not None:
-                raise ConnectionLostError(str(self._final_error)) from self._final_error
+            final = self._final_error
+            if final is not None:
+                # Keep the type a script may test (TokenExpiredError after a 4001).
+                cls = type(final) if isinstance(final, ConnectionLostError) else ConnectionLostError
+                raise cls(str(final)) from final
             raise ClientClosedError("the client is closed")
         return self._state is ConnectionState.CONNECTED and ws is not None
 
