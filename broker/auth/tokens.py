@@ -39,6 +39,7 @@ from broker.errors import AUTH_FAILURE_REASONS
 
 CACHE_SIZE = 1024  # verified tokens remembered
 CACHEABLE_TOKEN = 4096  # longer tokens are verified each time (bounds the cache's memory)
+MAX_TOKEN = 16 * 1024  # longer is refused unread: no base64/JSON work for a hostile megabyte
 MIN_RSA_BITS = 2048
 FAR_FUTURE = 1 << 40  # an exp past this (year 36812) is treated as no expiry
 _HMAC = (("HS256", 32), ("HS384", 48), ("HS512", 64))
@@ -243,6 +244,8 @@ class TokenVerifier:
         """The Grant of a valid token; AuthError otherwise."""
         if not token:
             raise AuthError("missing")
+        if len(token) > MAX_TOKEN or not token.isascii():  # a JWT is base64url and dots
+            raise AuthError("malformed")
         cache = self._cache
         grant = cache.get(token)
         if grant is not None:

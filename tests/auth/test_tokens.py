@@ -104,6 +104,8 @@ def test_jwks_picks_the_key_by_kid(tmp_path: Path) -> None:
     assert reason(v, sign(claims(), "RS256", "rsa2", kid="one")) == "signature"
     confused = forge(claims(), {"alg": "HS256", "kid": "one"}, public_pem("rsa"))
     assert reason(v, confused) == "signature"
+    for junk in ("garbage", "a\ud800.b.c", forge(claims(), {"alg": "RS256", "kid": 7}, None)):
+        assert reason(v, junk) == "malformed"
 
 
 def test_jwks_with_one_key_accepts_tokens_without_kid(tmp_path: Path) -> None:
@@ -134,6 +136,8 @@ def test_bad_jwks_files_are_refused_at_start(tmp_path: Path) -> None:
         ("not-a-jwt", "malformed"),
         ("a.b.c", "malformed"),
         ("\ufffd", "malformed"),
+        ("a\ud800.b.c", "malformed"),  # a lone surrogate (msgpack can carry one)
+        ("a." * 10_000, "malformed"),  # over the size cap: refused unread
     ],
 )
 def test_unreadable_tokens(token: str | None, expected: str) -> None:
