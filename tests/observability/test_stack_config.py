@@ -144,6 +144,26 @@ def test_prometheus_scrapes_the_broker_service(compose: dict[str, Any]) -> None:
     assert "broker" in compose["services"]
 
 
+def test_prometheus_sends_the_brokers_metrics_token(compose: dict[str, Any]) -> None:
+    """The broker's --metrics-token-file and Prometheus' credentials_file are one repo file."""
+    services = compose["services"]
+    broker_path = services["broker"]["environment"]["BROKER_METRICS_TOKEN_FILE"]
+    broker_file = resolve_in_container(services["broker"], broker_path)
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "broker"]
+    auth = job["authorization"]
+    assert auth.get("type", "Bearer") == "Bearer"
+    config_flag = next(
+        a for a in services["prometheus"]["command"] if str(a).startswith("--config.file=")
+    ).split("=", 1)[1]
+    config_dir = PurePosixPath(config_flag).parent  # Prometheus resolves relative paths here
+    scraped = resolve_in_container(
+        services["prometheus"], str(config_dir / auth["credentials_file"])
+    )
+    assert scraped.resolve() == broker_file.resolve()
+    assert broker_file.read_text().strip(), "the token file is empty"
+
+
 def test_grafana_provisioning_is_wired_to_the_mounts(compose: dict[str, Any]) -> None:
     grafana = compose["services"]["grafana"]
     provisioning = resolve_in_container(grafana, "/etc/grafana/provisioning")
