@@ -61,6 +61,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--broker-arg", action="append", default=[], help="extra flag for --spawn")
     g.add_argument(
+        "--tls",
+        action="store_true",
+        help="wss://: a spawned broker gets a throw-away certificate (--url wss://... also works)",
+    )
+    g.add_argument(
         "--procs", type=int, default=0, help="worker processes (0: one per 5,000 connections)"
     )
     g.add_argument("--src-ips", type=int, default=8, help="source addresses 127.0.0.2.. to use")
@@ -162,6 +167,7 @@ def options(a: argparse.Namespace) -> sc.Options:
         load_cpu=a.load_cpu if pin else None,
         broker_args=a.broker_arg,
         quiet_wait=a.quiet_wait,
+        tls=a.tls,
     )
 
 

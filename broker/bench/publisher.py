@@ -13,7 +13,7 @@ import select
 import socket
 import time
 
-from broker.bench import wire
+from broker.bench import tls, wire
 from broker.bench.target import BenchError, Endpoint
 
 
@@ -25,6 +25,8 @@ class Publisher:
         self.errors = 0
         self.sock = socket.create_connection((ep.host, ep.port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ep.tls:
+            self.sock = tls.client_context().wrap_socket(self.sock, server_hostname=ep.host)
         req, accept = wire.handshake_request(ep.host, ep.port, ep.path)
         self.sock.sendall(req)
         head = b""
@@ -59,7 +61,8 @@ class Publisher:
 
     def service(self) -> None:
         """Drain what the broker sent us: answer pings, count error replies, notice a close."""
-        while self.poller.poll(0):
+        pending = getattr(self.sock, "pending", None)  # TLS: plaintext poll cannot see
+        while self.poller.poll(0) or (pending is not None and pending()):
             try:
                 chunk = self.sock.recv(65536)
             except (BlockingIOError, InterruptedError):

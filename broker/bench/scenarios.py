@@ -18,16 +18,18 @@ import contextlib
 import math
 import multiprocessing as mp
 import os
+import tempfile
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from broker.bench import target as tg
-from broker.bench import wire
+from broker.bench import tls, wire
 from broker.bench.publisher import Publisher
 from broker.bench.workers import WorkerSpec, worker_main
 
@@ -48,6 +50,7 @@ class Options:
     load_cpu: int | None = 1
     broker_args: list[str] = field(default_factory=list)
     quiet_wait: float = 0.0  # wait up to this long for a quiet machine before measuring
+    tls: bool = False  # a spawned broker gets a throw-away certificate; clients use wss://
 
 
 @dataclass
@@ -83,14 +86,22 @@ def open_target(opts: Options, kind: str = "broker") -> Iterator[Target]:
         return
     port = tg.free_port()
     cpu = opts.broker_cpu if tg.can_pin() else None
-    if kind == "broker":
-        server = tg.spawn_broker(port, cpu, opts.broker_args)
-    else:
-        server = tg.spawn_trivial(port, cpu)
-    try:
-        yield Target(tg.Endpoint("127.0.0.1", port, "/ws"), server.pid, kind)
-    finally:
-        server.stop()
+    with tempfile.TemporaryDirectory(prefix="broker-bench-") as tmp:
+        if kind == "broker":
+            args = list(opts.broker_args)
+            if opts.tls:
+                cert, key = tls.self_signed(Path(tmp))
+                args += ["--tls-cert", str(cert), "--tls-key", str(key)]
+            server = tg.spawn_broker(port, cpu, args)
+        else:
+            if opts.tls:
+                raise tg.BenchError("the trivial server speaks no TLS: run ceiling without --tls")
+            server = tg.spawn_trivial(port, cpu)
+        try:
+            endpoint = tg.Endpoint("127.0.0.1", port, "/ws", opts.tls and kind == "broker")
+            yield Target(endpoint, server.pid, kind)
+        finally:
+            server.stop()
 
 
 # ---------------------------------------------------------------- the worker pool
@@ -126,6 +137,7 @@ class Load:
                 host=ep.host,
                 port=ep.port,
                 path=ep.path,
+                tls=ep.tls,
                 first=first,
                 count=count,
                 topic_fmt=topic_fmt,
@@ -253,8 +265,8 @@ def ms(us: float | None) -> float | None:
 def broker_metrics(ep: tg.Endpoint) -> dict[str, float]:
     """Every sample of the broker's /metrics ({} from a server without one, like `trivial`)."""
     try:
-        url = f"http://{ep.host}:{ep.port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as r:
+        context = tls.client_context() if ep.tls else None
+        with urllib.request.urlopen(ep.http + "/metrics", timeout=5, context=context) as r:
             text = r.read().decode()
     except (OSError, ValueError):
         return {}

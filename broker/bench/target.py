@@ -36,17 +36,22 @@ class Endpoint:
     host: str
     port: int
     path: str
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        return f"ws://{self.host}:{self.port}{self.path}"
+        return f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}{self.path}"
+
+    @property
+    def http(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
 
 def loopback_target(url: str) -> Endpoint:
-    """Parse a ws:// URL and refuse any host outside 127.0.0.0/8 (the bench is a load generator)."""
+    """Parse a ws:// or wss:// URL; refuse a host outside 127.0.0.0/8 (this is a load generator)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "ws":
-        raise BenchError(f"only ws:// URLs are supported, not {url!r}")
+    if parts.scheme not in ("ws", "wss"):
+        raise BenchError(f"only ws:// and wss:// URLs are supported, not {url!r}")
     host = parts.hostname or ""
     if host == "localhost":
         host = "127.0.0.1"
@@ -56,7 +61,7 @@ def loopback_target(url: str) -> Endpoint:
         raise BenchError(f"target host must be a literal 127.x.y.z address, not {host!r}") from None
     if not (addr.version == 4 and addr in ipaddress.ip_network("127.0.0.0/8")):
         raise BenchError(f"refusing non-loopback target {host}: only 127.0.0.0/8 is allowed")
-    return Endpoint(str(addr), parts.port or 8765, parts.path or "/ws")
+    return Endpoint(str(addr), parts.port or 8765, parts.path or "/ws", parts.scheme == "wss")
 
 
 def free_port() -> int:

@@ -11,6 +11,8 @@ contiguous range of connection numbers and does:
      127.0.0.(2 + i % src_ips) with IP_BIND_ADDRESS_NO_PORT (the kernel's ephemeral port search
      slows down badly when one source address holds ~19k connections to one port), sends the
      upgrade, then a subscribe with id 1, and is ready once the ack arrives;
+     with TLS (wss://) the socket first carries a TLS handshake, and from then on every byte
+     passes through an ssl.SSLObject over memory BIOs (the broker's own arrangement);
   2. serve: wait for commands on its pipe, answer pings, and count payload markers in 1 MiB
      `recv_into` buffers (wire.scan). With a tick > 0 the worker sleeps between sweeps so
      each recv carries many deliveries (throughput runs); with tick 0 it reads as soon as
@@ -29,21 +31,22 @@ import resource
 import select
 import signal
 import socket
+import ssl
 import struct
 import time
 from collections import Counter
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
-from broker.bench import wire
+from broker.bench import tls, wire
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 RECV_BYTES = 1 << 20
 # a sweep whose recvs averaged less than this (about 16 deliveries of 64 B) pauses for a tick
 BATCH_BYTES = 2048
 # state of one connection
-CONNECTING, HANDSHAKE, SUBSCRIBING, READY = range(4)
+CONNECTING, HANDSHAKE, SUBSCRIBING, READY, TLS_HELLO = range(5)
 _RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with RST, leave no TIME_WAIT behind
 
 
@@ -61,10 +64,11 @@ class WorkerSpec:
     conn_timeout: float
     cpu: int | None
     max_seconds: float
+    tls: bool = False
 
 
 class Conn:
-    __slots__ = ("accept", "n", "pend", "rx", "sock", "state")
+    __slots__ = ("accept", "n", "pend", "rx", "sock", "state", "tin", "tls", "tout")
 
     def __init__(self, sock: socket.socket, n: int) -> None:
         self.sock = sock
@@ -73,6 +77,8 @@ class Conn:
         self.rx = bytearray()
         self.accept = b""
         self.pend = b""
+        self.tls: ssl.SSLObject | None = None
+        self.tin = self.tout = ssl.MemoryBIO()  # replaced by two BIOs when TLS starts
 
 
 class Worker:
@@ -97,6 +103,46 @@ class Worker:
         self.tick = 0.0
         self.deadline = time.monotonic() + spec.max_seconds
         self.parent = os.getppid()
+        self.tls_context = tls.client_context() if spec.tls else None
+
+    # ------------------------------------------------------------ TLS-aware I/O
+
+    def _send(self, c: Conn, data: bytes) -> None:
+        """Send a small message (handshake, subscribe, pong): it fits an empty send buffer."""
+        if c.tls is not None:
+            c.tls.write(data)
+            data = c.tout.read()
+        c.sock.send(data)
+
+    def _recv(self, c: Conn) -> bytes:
+        """Plaintext from one recv; b"" at EOF; BlockingIOError when there is none yet."""
+        data = c.sock.recv(65536)
+        if c.tls is None or not data:
+            return data
+        c.tin.write(data)
+        chunks = []
+        with contextlib.suppress(ssl.SSLWantReadError):
+            while chunk := c.tls.read(65536):
+                chunks.append(chunk)
+        if not chunks:
+            raise BlockingIOError
+        return b"".join(chunks)
+
+    def _tls_hello(self, c: Conn) -> bool:
+        """Advance the client's TLS handshake; True once done (then the upgrade is sent)."""
+        assert c.tls is not None
+        if c.state == TLS_HELLO:
+            data = c.sock.recv(65536)
+            if not data:
+                raise OSError("closed during the TLS handshake")
+            c.tin.write(data)
+        try:
+            c.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            if c.tout.pending:
+                c.sock.send(c.tout.read())
+            return False
+        return True
 
     # ------------------------------------------------------------ connect phase
 
@@ -144,17 +190,33 @@ class Worker:
             if err:
                 self._fail(c, f"connect: {os.strerror(err)}")
                 return
+            self.ep.modify(c.sock.fileno(), select.EPOLLIN)
+            if self.tls_context is not None:
+                c.tin, c.tout = ssl.MemoryBIO(), ssl.MemoryBIO()
+                c.tls = self.tls_context.wrap_bio(c.tin, c.tout, server_hostname=self.spec.host)
+        if c.tls is not None and c.state in (CONNECTING, TLS_HELLO):
+            try:
+                done = self._tls_hello(c)
+            except BlockingIOError:
+                return
+            except OSError as e:  # ssl.SSLError included
+                self._fail(c, f"TLS handshake: {e}")
+                return
+            c.state = TLS_HELLO
+            if not done:
+                return
+            c.state = CONNECTING  # TLS is up: send the upgrade request through it
+        if c.state == CONNECTING:
             req, c.accept = wire.handshake_request(self.spec.host, self.spec.port, self.spec.path)
             try:
-                c.sock.send(req)  # a few hundred bytes into an empty send buffer
+                self._send(c, req)  # a few hundred bytes into an empty send buffer
             except OSError as e:
                 self._fail(c, f"send handshake: {e}")
                 return
             c.state = HANDSHAKE
-            self.ep.modify(c.sock.fileno(), select.EPOLLIN)
             return
         try:
-            data = c.sock.recv(65536)
+            data = self._recv(c)
         except BlockingIOError:
             return
         except OSError as e:
@@ -176,7 +238,7 @@ class Worker:
                 return
             del c.rx[: end + 4]
             try:
-                c.sock.send(wire.subscribe_frame(self.spec.topic_fmt.format(i=c.n)))
+                self._send(c, wire.subscribe_frame(self.spec.topic_fmt.format(i=c.n)))
             except OSError as e:
                 self._fail(c, f"send subscribe: {e}")
                 return
@@ -251,6 +313,8 @@ class Worker:
 
     def _read(self, c: Conn) -> int:
         """One recv and scan; returns the bytes read (0 when nothing or closed)."""
+        if c.tls is not None:
+            return self._read_tls(c)
         p = len(c.pend)
         try:
             if p:
@@ -266,13 +330,57 @@ class Worker:
             self._drop(c)
             self.closed_after_ready += 1
             return 0
-        now = time.monotonic_ns()  # the receive time of every delivery in this read
-        end = p + n
+        self._scan(c, p + n, time.monotonic_ns())
+        return n
+
+    def _read_tls(self, c: Conn) -> int:
+        """One recv of ciphertext, all of it decrypted (nothing left where epoll cannot see)."""
+        try:
+            raw = c.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            raw = b""
+        tls = c.tls
+        assert tls is not None
+        if raw:
+            c.tin.write(raw)
+        now = time.monotonic_ns()
+        eof = not raw
+        full = True
+        while full:
+            p = len(c.pend)
+            self.buf[:p] = c.pend
+            end = p
+            full = False
+            try:
+                while end < RECV_BYTES:
+                    # with a buffer, read returns a count (typeshed knows only bytes)
+                    k = cast(int, tls.read(RECV_BYTES - end, self.view[end:]))
+                    if not k:
+                        eof = True
+                        break
+                    end += k
+                full = end >= RECV_BYTES
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError:
+                eof = True
+            if end > p:
+                self._scan(c, end, now)
+        if eof:
+            self._drop(c)
+            self.closed_after_ready += 1
+            return 0
+        return len(raw)
+
+    def _scan(self, c: Conn, end: int, now: int) -> None:
+        """Count the deliveries in buf[:end]; keep a partial frame in `c.pend`."""
         count, stamps, keep, pings = wire.scan(self.buf, end, self.want_stamps, self.fast)
         c.pend = bytes(self.buf[keep:end]) if keep < end else b""
         for ping in pings:
             with contextlib.suppress(OSError):
-                c.sock.send(wire.client_frame(ping, wire.OP_PONG))
+                self._send(c, wire.client_frame(ping, wire.OP_PONG))
         if count:
             self.delivered += count
             self.last_ns = now
@@ -283,7 +391,6 @@ class Worker:
                 else:
                     for stamp, k in Counter(stamps).items():
                         hist[max(0, now - int(stamp, 16)) // 1000] += k
-        return n
 
     def serve(self) -> None:
         """Read whatever epoll reports; with a tick, pause after sweeps whose reads were small.

@@ -145,3 +145,17 @@ def test_ceiling_against_the_trivial_server(tmp_path: Path) -> None:
 def test_refuses_targets_outside_loopback(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["fanout", "--url", url]) == 2
     assert "broker-bench:" in capsys.readouterr().err
+
+
+def test_tls_idle_and_fanout_against_a_spawned_broker(tmp_path: Path) -> None:
+    """--tls: the bench makes a certificate, spawns a TLS broker and loads it over wss://."""
+    doc = bench(tmp_path, "idle", "--tls", "--conns", "40", "--settle", "0.2", "--rest", "0.5")
+    report = doc["reports"][0]
+    assert report["params"]["url"].startswith("wss://127.0.0.1:")
+    assert report["results"]["conns_ready"] == 40
+    assert report["results"]["broker_connections_gauge"] >= 40  # read over https
+    doc = bench(tmp_path, "fanout", "--tls", "--subs", "30", "--duration", "1")
+    r = doc["reports"][0]["results"]
+    assert r["subs_ready"] == 30
+    assert r["lost"] == 0
+    assert r["delivered"] == r["published"] * 30 > 0
