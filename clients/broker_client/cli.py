@@ -336,7 +336,8 @@ def _client(args: argparse.Namespace, *, report_states: bool = False) -> AsyncCl
             _err(f"reconnected to {args.url}")
 
     def on_unrecovered(event: Unrecovered) -> None:
-        _err(f"{event.topic}: messages were lost across the reconnect ({event.reason})")
+        where = f" from {event.previous}" if event.previous is not None else ""
+        _err(f"{event.topic}: not recovered{where} ({event.reason}); live messages follow")
 
     if args.cafile is not None and not args.url.startswith("wss:"):
         raise UsageError("--cafile is for wss:// URLs")
