@@ -49,6 +49,21 @@ class Config:
     # -- tls --
     tls_cert: str = _opt("", "PEM certificate chain; with --tls-key the port speaks TLS only")
     tls_key: str = _opt("", "PEM private key of --tls-cert (SIGHUP reloads both)")
+    # -- perimeter (who may open a WebSocket; broker/auth/perimeter.py) --
+    allowed_origins: str = _opt(
+        "",
+        "comma-separated origins allowed to open a WebSocket, exact (https://app.example.com) or "
+        "by subdomain (https://*.example.com); others get 403; requests without Origin pass; "
+        "empty = any",
+    )
+    max_connections_per_ip: int = _opt(
+        0, "connections one address (IPv6: one /64) may hold before upgrades get 503; 0 = off"
+    )
+    handshake_rate: float = _opt(
+        0.0, "WebSocket handshakes per second per address (token bucket; then 429); 0 = off"
+    )
+    handshake_burst: int = _opt(10, "handshakes an address may make at once above --handshake-rate")
+    # -- logging --
     log_level: str = _opt("info", "debug, info, warning, error")
     log_format: LogFormat = _opt("text", "text or json", choices=("text", "json"))
     # -- auth (docs/security.md) --
@@ -132,4 +147,8 @@ def validate(config: Config) -> list[str]:
         problems.append("auth_leeway must be 0 or more")
     if config.metrics_token and config.metrics_token_file:
         problems.append("give --metrics-token or --metrics-token-file, not both")
+    if config.max_connections_per_ip < 0 or config.handshake_rate < 0:
+        problems.append("perimeter limits cannot be negative")
+    if config.handshake_rate > 0 and config.handshake_burst < 1:
+        problems.append("handshake_burst must be at least 1 when handshake_rate is set")
     return problems

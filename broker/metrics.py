@@ -40,6 +40,7 @@ ITER_MIN_BIT, ITER_MAX_BIT = 10, 30
 DROP_REASONS = ("slow_consumer", "unencodable", "rate_limited")
 # Why a TLS handshake failed (broker/net/tls.py `failure_reason` picks one).
 TLS_FAILURE_REASONS = ("plain_http", "protocol", "peer_alert", "timeout", "eof", "other")
+REFUSE_REASONS = ("origin", "per_ip", "rate")  # broker.auth.perimeter.REASONS
 EVENT_KINDS = (
     ("in", select.EPOLLIN | select.EPOLLPRI),
     ("out", select.EPOLLOUT),
@@ -75,6 +76,7 @@ class Stats:
         self.tls_failures = dict.fromkeys(TLS_FAILURE_REASONS, 0)
         self.auth_failures = dict.fromkeys(AUTH_FAILURE_REASONS, 0)
         self.forbidden = dict.fromkeys(FORBIDDEN_OPS, 0)
+        self.handshakes_refused = dict.fromkeys(REFUSE_REASONS, 0)
 
     def record_wait(self, n: int) -> None:
         self.epoll_waits += 1
@@ -185,6 +187,14 @@ class BrokerCollector(Collector):
         for op, count in s.forbidden.items():
             forbidden.add_metric([op], count)
         yield forbidden
+        refused = CounterMetricFamily(
+            "broker_handshakes_refused",
+            "WebSocket upgrades refused at the perimeter, by reason",
+            labels=["reason"],
+        )
+        for refuse_reason, count in s.handshakes_refused.items():
+            refused.add_metric([refuse_reason], count)
+        yield refused
         for name, gauge in self.gauges().items():
             yield GaugeMetricFamily(name, _GAUGE_HELP.get(name, name), value=gauge)
 

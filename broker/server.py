@@ -33,6 +33,7 @@ from typing import Any
 from wsproto.events import Ping
 
 from broker import __version__, config
+from broker.auth.perimeter import OriginListError, Perimeter, PerimeterError, client_key
 from broker.auth.permissions import Grant
 from broker.auth.tokens import AuthConfigError, TokenVerifier
 from broker.config import Config
@@ -85,6 +86,10 @@ def raise_fd_limit() -> tuple[int, int]:
 class Server:
     def __init__(self, cfg: Config, fd_limit: int) -> None:
         self.config = cfg
+        self.perimeter = Perimeter(
+            cfg.allowed_origins, cfg.max_connections_per_ip, cfg.handshake_rate, cfg.handshake_burst
+        )  # OriginListError for a bad --allowed-origins
+        self.count_per_ip = cfg.max_connections_per_ip > 0
         self.stats = Stats()
         self.fd_limit = fd_limit
         self.max_connections = cfg.max_connections or max(1, fd_limit - FD_RESERVE)
@@ -115,7 +120,7 @@ class Server:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def accept(self, sock: socket.socket) -> None:
+    def accept(self, sock: socket.socket, host: str) -> None:
         self.stats.accepted += 1
         if self.connections >= self.max_connections or self.stopping:
             sock.close()
@@ -125,14 +130,31 @@ class Server:
         # Nagle would hold back small frames waiting for ACKs; we coalesce writes ourselves.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.connections += 1
+        peer = client_key(host)
         if self.tls_context is None:
-            Connection(sock, self)
+            Connection(sock, self, peer)
         else:
-            TlsConnection(sock, self, self.tls_context)
+            TlsConnection(sock, self, self.tls_context, peer)
+        if self.count_per_ip:
+            self.perimeter.opened(peer)
 
     def closed(self, conn: Connection, reason: Closed) -> None:
+        """Every connection ends here once (abort), whatever the path that closed it."""
         self.connections -= 1
         self.stats.closed[reason] += 1
+        if self.count_per_ip:
+            self.perimeter.closed(conn.peer)
+
+    def admit(self, conn: Connection, req: HttpRequest) -> None:
+        """The perimeter's checks on an upgrade, before its own: raises HandshakeError (via
+        `PerimeterError`: 429, 503 or 403), counted by reason."""
+        perimeter = self.perimeter
+        if perimeter.active:
+            try:
+                perimeter.check(conn.peer, req.headers, self.loop.now)
+            except PerimeterError as exc:
+                self.stats.handshakes_refused[exc.reason] += 1
+                raise
 
     def internal_error(self, conn: Connection, exc: BaseException) -> None:
         """A bug while serving `conn`: report it and close that connection with 1011."""
@@ -389,6 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror)  # noqa: TRY400
         return 1
+    except OriginListError as exc:
+        log.error("--allowed-origins: %s", exc)  # noqa: TRY400
+        return 2
     host, port = server.listener.address
     scheme = "wss" if server.tls_context else "ws"
     log.info(

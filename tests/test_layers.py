@@ -13,7 +13,7 @@ ALLOWED = {
     "wire": {"errors"},
     "pubsub": {"wire", "errors", "config", "metrics", "auth"},
     "net": {"pubsub", "wire", "errors", "config", "metrics", "auth", "server"},  # server: types
-    "auth": {"errors", "config"},  # sans-IO security: tokens and permissions
+    "auth": {"errors", "config"},  # sans-IO security: tokens, permissions, perimeter
     "config": set(),
     "errors": set(),
     "metrics": {"errors"},

@@ -58,6 +58,7 @@ class Connection(Session):
         "mask",
         "partial",
         "partial_size",
+        "peer",
         "pinged",
         "reason",
         "server",
@@ -67,10 +68,11 @@ class Connection(Session):
         "ws",
     )
 
-    def __init__(self, sock: socket.socket, server: Server) -> None:
+    def __init__(self, sock: socket.socket, server: Server, peer: str = "") -> None:
         super().__init__()
         now = server.loop.now
         self.sock = sock
+        self.peer = peer  # the client's address key (perimeter.client_key), shared per address
         self.fd = sock.fileno()
         self.server = server
         self.state = HTTP
@@ -219,7 +221,7 @@ class Connection(Session):
                 req = http.next_request()
         except HandshakeError as exc:
             body = (exc.message + "\n").encode()
-            self.queue(http.respond(exc.status, body, headers=exc.headers))
+            self.queue(http.respond(exc.status, body, headers=(*exc.headers, *_CLOSE)))
             self.reason = Closed.BAD_HANDSHAKE
             self._drain()
             return
@@ -232,7 +234,9 @@ class Connection(Session):
                 self.abort(reason)
 
     def _upgrade(self, http: HttpExchange, req: HttpRequest) -> None:
-        # The upgrade's own validity (400/426), then the token (401), then the 101.
+        # The perimeter (429/503/403), the upgrade's own validity (400/426), then the token (401),
+        # then the 101.
+        self.server.admit(self, req)
         checked = check_upgrade(req)
         grant = self.server.authenticate(req)
         upgrade = http.accept_upgrade(req, checked)

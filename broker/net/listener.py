@@ -31,7 +31,7 @@ class Listener:
         host: str,
         port: int,
         backlog: int,
-        on_accept: Callable[[socket.socket], None],
+        on_accept: Callable[[socket.socket, str], None],
     ) -> None:
         self.loop = loop
         self.on_accept = on_accept
@@ -50,7 +50,7 @@ class Listener:
         accept = self.sock.accept
         for _ in range(BATCH):
             try:
-                sock, _addr = accept()
+                sock, addr = accept()
             except BlockingIOError:
                 return
             except InterruptedError:
@@ -61,7 +61,7 @@ class Listener:
                     return
                 # ECONNABORTED, EPROTO...: that one connection is gone; keep accepting.
                 continue
-            self.on_accept(sock)
+            self.on_accept(sock, addr[0])  # the peer's host: no getpeername() later
 
     def _back_off(self, exc: OSError) -> None:
         if not self._warned:

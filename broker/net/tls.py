@@ -124,13 +124,15 @@ def failure_reason(exc: ssl.SSLError) -> str:
 class TlsConnection(Connection):
     __slots__ = ("cipher", "incoming", "outgoing", "tls", "tls_ready")
 
-    def __init__(self, sock: socket.socket, server: Server, context: ssl.SSLContext) -> None:
+    def __init__(
+        self, sock: socket.socket, server: Server, context: ssl.SSLContext, peer: str = ""
+    ) -> None:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self.tls_ready = False
         self.cipher: bytes | memoryview = b""  # ciphertext (or the plain 400) not yet sent
-        super().__init__(sock, server)
+        super().__init__(sock, server, peer)
         self.http = None  # created once the TLS handshake is done
 
     # -- input ---------------------------------------------------------------------------------

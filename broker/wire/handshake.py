@@ -124,7 +124,7 @@ class HttpExchange:
             (b"content-length", str(len(body)).encode()),
             *headers,
         ]
-        if self._h11.their_state is not h11.DONE:
+        if self._h11.their_state is not h11.DONE and (b"connection", b"close") not in headers:
             # The request was cut short (an error mid-request): h11 cannot keep the connection.
             hdrs.append((b"connection", b"close"))
         try:
