@@ -57,7 +57,7 @@ class Config:
         "empty = any",
     )
     max_connections_per_ip: int = _opt(
-        0, "connections one address (IPv6: one /64) may hold before upgrades get 503; 0 = off"
+        0, "WebSockets one address (IPv6: one /64) may hold; more upgrades get 503; 0 = off"
     )
     handshake_rate: float = _opt(
         0.0, "WebSocket handshakes per second per address (token bucket; then 429); 0 = off"

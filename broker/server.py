@@ -89,7 +89,6 @@ class Server:
         self.perimeter = Perimeter(
             cfg.allowed_origins, cfg.max_connections_per_ip, cfg.handshake_rate, cfg.handshake_burst
         )  # OriginListError for a bad --allowed-origins
-        self.count_per_ip = cfg.max_connections_per_ip > 0
         self.stats = Stats()
         self.fd_limit = fd_limit
         self.max_connections = cfg.max_connections or max(1, fd_limit - FD_RESERVE)
@@ -135,23 +134,23 @@ class Server:
             Connection(sock, self, peer)
         else:
             TlsConnection(sock, self, self.tls_context, peer)
-        if self.count_per_ip:
-            self.perimeter.opened(peer)
 
     def closed(self, conn: Connection, reason: Closed) -> None:
         """Every connection ends here once (abort), whatever the path that closed it."""
         self.connections -= 1
         self.stats.closed[reason] += 1
-        if self.count_per_ip:
-            self.perimeter.closed(conn.peer)
+        if conn.counted:
+            conn.counted = False
+            self.perimeter.release(conn.peer)
 
     def admit(self, conn: Connection, req: HttpRequest) -> None:
         """The perimeter's checks on an upgrade, before its own: raises HandshakeError (via
-        `PerimeterError`: 429, 503 or 403), counted by reason."""
+        `PerimeterError`: 429, 503 or 403), counted by reason. An admitted connection counts
+        against its address until `closed`."""
         perimeter = self.perimeter
         if perimeter.active:
             try:
-                perimeter.check(conn.peer, req.headers, self.loop.now)
+                conn.counted = perimeter.admit(conn.peer, req.headers, self.loop.now)
             except PerimeterError as exc:
                 self.stats.handshakes_refused[exc.reason] += 1
                 raise

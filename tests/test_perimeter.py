@@ -15,11 +15,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
-from websockets.sync.client import connect
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import REPO, BrokerProcess, free_port
+from tests.tlsutil import Pki
 from tests.wsraw import OP_CLOSE, OP_TEXT, RawWs, close_payload, encode_frame
 
 Factory = Callable[..., BrokerProcess]
@@ -173,8 +176,13 @@ def test_per_address_limit_counts_down_on_every_kind_of_close(
         assert got[2].closed_by_broker()
         return got[:2]
 
+    # Plain HTTP from a full address is served: only WebSockets count.
+    held = fill()
+    with socket.create_connection(("127.0.0.1", b.port), source_address=(ATTACKER, 0)) as http:
+        http.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert http.recv(4096).startswith(b"HTTP/1.1 200")
     # 1. the client closes cleanly, and 2. the client vanishes with an RST.
-    clean, rst = fill()
+    clean, rst = held
     ws = clean.ws()
     ws.send_frame(OP_CLOSE, close_payload(1000))
     assert ws.expect_close()[0] == 1000
@@ -182,16 +190,25 @@ def test_per_address_limit_counts_down_on_every_kind_of_close(
     rst.close()
     clean.close()
     wait_connections(b, 0)
-    # 3. the broker closes (a protocol error: drain, linger), 4. a plain HTTP connection ends.
-    violator, idle = fill()
+    # 3. the broker closes (a protocol error: drain, linger), 4. the client goes silent and the
+    # broker's linger deadline ends it.
+    violator, silent = fill()
     violator.sock.sendall(encode_frame(OP_TEXT, b"{}", mask=False))
     assert violator.ws().expect_close()[0] == 1002
     assert violator.closed_by_broker()
+    silent.sock.sendall(encode_frame(0x3, b""))  # a reserved opcode: 1002, and no reply from us
+    assert silent.ws().expect_close()[0] == 1002
     violator.close()
-    idle.close()
-    with socket.create_connection(("127.0.0.1", b.port), source_address=(ATTACKER, 0)) as http:
-        http.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert http.recv(4096).startswith(b"HTTP/1.1 200")
+    wait_connections(b, 0)  # `silent` never closed its socket: the linger deadline did
+    silent.close()
+    # 5. an upgrade admitted by the perimeter but refused by its own checks (426).
+    bad_version = socket.create_connection(("127.0.0.1", b.port), source_address=(ATTACKER, 0))
+    with bad_version:
+        bad_version.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
+        )
+        assert bad_version.recv(4096).startswith(b"HTTP/1.1 426")
     wait_connections(b, 0)
     # Every count went back to zero: the address gets its two again, and no more.
     fill()
@@ -263,3 +280,24 @@ def test_an_honest_client_is_served_while_an_address_is_refused(
         assert seen[101] == 10  # held open all along: the address never got an eleventh
     print(f"attacker's answers: {dict(seen)}")
     assert b.metric("broker_internal_errors_total") == 0
+
+
+def test_per_address_limit_over_tls(broker_factory: Factory, tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    cert, key, _ = pki.issue(1)
+    tls = pki.client_context()
+    b = broker_factory(
+        "--tls-cert", str(cert), "--tls-key", str(key), "--max-connections-per-ip", "1", tls=tls
+    )
+
+    def wss() -> ClientConnection:
+        return connect(b.url, ssl=tls, source_address=(ATTACKER, 0), open_timeout=5)
+
+    with wss(), pytest.raises(InvalidStatus) as err, wss():
+        pass
+    assert err.value.response.status_code == 503
+    assert err.value.response.headers["Retry-After"] == "5"
+    assert b.wait_metric("broker_connections", equals=1) == 1
+    with wss() as again:
+        again.send(json.dumps({"op": "ping", "id": 1}))
+        assert json.loads(again.recv(5)) == {"op": "pong", "id": 1}

@@ -5,14 +5,14 @@ most abusable first; each refusal is an HTTP answer (`PerimeterError`, a `Handsh
 the label it is counted under in `broker_handshakes_refused_total{reason}`:
 
     rate     --handshake-rate / --handshake-burst: a token bucket per address      429 Retry-After
-    per_ip   --max-connections-per-ip: connections open from one address           503 Retry-After
+    per_ip   --max-connections-per-ip: WebSockets open from one address            503 Retry-After
     origin   --allowed-origins: the page a browser says the request comes from     403
 
 Theory of operation. Sans-IO: the caller gives the client's address key (`client_key` of what
 accept() returned), the request headers and the loop's clock; nothing here reads a socket or the
 time. The state an attacker can make grow is bounded:
 
-* connection counts exist only for addresses with an open connection (bounded by the connection
+* connection counts exist only for addresses with an open WebSocket (bounded by the connection
   limit), and an address's entry goes when its count returns to zero;
 * token buckets are kept in least-recently-used order: a bucket untouched for `burst / rate`
   seconds is full again, so it is forgotten (the oldest are checked first, O(1) amortised per
@@ -196,30 +196,21 @@ class Perimeter:
         self.origins = OriginPolicy(allowed_origins) if allowed_origins.strip() else None
         self.max_per_ip = max_per_ip
         self.rate = HandshakeRate(rate, burst) if rate > 0 else None
-        self.counts: dict[str, int] = {}  # open connections by key, only while max_per_ip
+        self.counts: dict[str, int] = {}  # admitted connections open, by key (max_per_ip only)
 
     @property
     def active(self) -> bool:
         return self.origins is not None or self.max_per_ip > 0 or self.rate is not None
 
-    # -- connection counts (the caller calls these only when max_per_ip is set) ------------------
-
-    def opened(self, key: str) -> None:
-        counts = self.counts
-        counts[key] = counts.get(key, 0) + 1
-
-    def closed(self, key: str) -> None:
-        counts = self.counts
-        left = counts[key] - 1
-        if left:
-            counts[key] = left
-        else:
-            del counts[key]
-
     # -- the upgrade ---------------------------------------------------------------------------
 
-    def check(self, key: str, headers: Iterable[tuple[bytes, bytes]], now: float) -> None:
-        """Raise `PerimeterError` if the upgrade from `key` with `headers` may not go on."""
+    def admit(self, key: str, headers: Iterable[tuple[bytes, bytes]], now: float) -> bool:
+        """Raise `PerimeterError` if the upgrade from `key` with `headers` may not go on.
+
+        Returns True when the connection now counts against its address (`--max-connections-per-
+        ip`); the caller then owes one `release(key)` when it closes, whichever way it closes.
+        Only upgrades that pass every check count: a refused one never held a place.
+        """
         if self.rate is not None:
             wait = self.rate.take(key, now)
             if wait:
@@ -229,7 +220,8 @@ class Perimeter:
                     "too many handshakes from this address",
                     ((b"retry-after", b"%d" % max(1, math.ceil(wait))),),
                 )
-        if self.max_per_ip and self.counts.get(key, 0) > self.max_per_ip:
+        limit = self.max_per_ip
+        if limit and self.counts.get(key, 0) >= limit:
             raise PerimeterError(
                 "per_ip",
                 503,
@@ -240,3 +232,17 @@ class Perimeter:
             values = [value for name, value in headers if name == b"origin"]
             if values and (len(values) > 1 or not self.origins.allows(values[0].decode("latin-1"))):
                 raise PerimeterError("origin", 403, "origin not allowed")
+        if limit:
+            counts = self.counts
+            counts[key] = counts.get(key, 0) + 1
+            return True
+        return False
+
+    def release(self, key: str) -> None:
+        """A connection `admit` counted has closed."""
+        counts = self.counts
+        left = counts[key] - 1
+        if left:
+            counts[key] = left
+        else:
+            del counts[key]

@@ -51,6 +51,7 @@ _CLOSE = ((b"connection", b"close"),)
 
 class Connection(Session):
     __slots__ = (
+        "counted",
         "deadline",
         "fd",
         "http",
@@ -73,6 +74,7 @@ class Connection(Session):
         now = server.loop.now
         self.sock = sock
         self.peer = peer  # the client's address key (perimeter.client_key), shared per address
+        self.counted = False  # holds a place in its address's count (Server.admit)
         self.fd = sock.fileno()
         self.server = server
         self.state = HTTP

@@ -144,32 +144,45 @@ def test_full_buckets_are_forgotten_and_the_table_is_capped() -> None:
     assert next(iter(rate.buckets)) == "10.1.3.132"  # 1000 - 100 = 900 = 3 * 256 + 132
 
 
-def test_check_order_and_statuses() -> None:
+OK_ORIGIN = [(b"origin", b"https://ok.example")]
+BAD_ORIGIN = [(b"origin", b"https://evil.example")]
+
+
+def test_check_order_statuses_and_counts() -> None:
     p = Perimeter("https://ok.example", max_per_ip=1, rate=1.0, burst=1)
-    bad_origin = [(b"origin", b"https://evil.example")]
-    p.opened("a")
-    p.opened("a")
+    assert p.admit("a", OK_ORIGIN, 0.0) is True  # counted: "a" holds its one place
     with pytest.raises(PerimeterError) as err:
-        p.check("a", bad_origin, 0.0)  # uses the one token; then over the per-address limit
+        p.admit("a", BAD_ORIGIN, 0.1)  # rate is checked first
+    assert (err.value.reason, err.value.status) == ("rate", 429)
+    assert (b"retry-after", b"1") in err.value.headers  # 0.9 s, rounded up
+    with pytest.raises(PerimeterError) as err:
+        p.admit("a", BAD_ORIGIN, 5.0)  # a token again; per address before origin
     assert (err.value.reason, err.value.status) == ("per_ip", 503)
     assert (b"retry-after", b"5") in err.value.headers
+    p.release("a")
     with pytest.raises(PerimeterError) as err:
-        p.check("a", bad_origin, 0.1)  # rate is checked first
-    assert (err.value.reason, err.value.status) == ("rate", 429)
-    assert (b"retry-after", b"1") in err.value.headers
-    p.closed("a")
-    with pytest.raises(PerimeterError) as err:
-        p.check("a", bad_origin, 5.0)
+        p.admit("a", BAD_ORIGIN, 10.0)
     assert (err.value.reason, err.value.status) == ("origin", 403)
-    p.check("a", [(b"origin", b"https://ok.example")], 10.0)
-    p.check("a", [(b"host", b"x")], 20.0)  # no Origin: not a browser, allowed
+    assert p.counts == {}  # a refused upgrade never held a place
+    assert p.admit("b", [(b"host", b"x")], 20.0)  # no Origin: not a browser, allowed
     with pytest.raises(PerimeterError):  # two Origin headers: which one? refused
-        p.check("a", [(b"origin", b"https://ok.example")] * 2, 30.0)
-    p.closed("a")
+        p.admit("c", OK_ORIGIN * 2, 30.0)
+    p.release("b")
     assert p.counts == {}  # nothing kept for an address with no connection
+
+
+def test_counts_per_address() -> None:
+    p = Perimeter(max_per_ip=3)
+    assert [p.admit("a", [], 0.0) for _ in range(3)] == [True] * 3
+    with pytest.raises(PerimeterError):
+        p.admit("a", [], 0.0)
+    assert p.admit("b", [], 0.0)
+    assert p.counts == {"a": 3, "b": 1}
+    p.release("a")
+    assert p.admit("a", [], 0.0)
 
 
 def test_everything_off_by_default() -> None:
     p = Perimeter()
     assert not p.active
-    p.check("a", [(b"origin", b"https://anything")], 0.0)
+    assert p.admit("a", BAD_ORIGIN, 0.0) is False  # nothing counted either
