@@ -353,9 +353,9 @@ export class BrokerClient extends EventTarget {
       return sub;
     }
     this._subs.set(topic, [sub]);
-    let ack;
     try {
-      ack = await this._request({ op: "subscribe", topic });
+      // The position is taken from the ack as it is read, before any message behind it.
+      await this._request({ op: "subscribe", topic }, (ack) => this._setPosition(topic, ack));
     } catch (err) {
       const group = this._subs.get(topic) || [];
       this._subs.delete(topic);
@@ -363,7 +363,6 @@ export class BrokerClient extends EventTarget {
       sub.ended = true;
       throw err;
     }
-    this._setPosition(topic, ack);
     return sub;
   }
 
@@ -461,19 +460,20 @@ export class BrokerClient extends EventTarget {
     });
   }
 
-  async _request(body) {
+  /** Send `body` with a fresh id; resolves to the ack. `onAck` runs as the ack is read. */
+  async _request(body, onAck = null) {
     const ws = await this._whenReady(this.options.requestTimeout);
-    return this._send(ws, body);
+    return this._send(ws, body, onAck);
   }
 
-  _send(ws, body) {
+  _send(ws, body, onAck = null) {
     const id = this._nextId++;
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this._pending.delete(id);
         reject(new RequestTimeoutError(`${body.op}: no answer within ${this.options.requestTimeout} ms`));
       }, this.options.requestTimeout);
-      this._pending.set(id, { resolve, reject, timer });
+      this._pending.set(id, { resolve, reject, timer, onAck });
       try {
         ws.send(JSON.stringify({ ...body, id }));
       } catch (err) {
@@ -718,8 +718,12 @@ export class BrokerClient extends EventTarget {
     if (pending) {
       this._pending.delete(id);
       clearTimeout(pending.timer);
-      if (msg.op === "error") pending.reject(brokerError(msg.code, msg.message, id));
-      else pending.resolve(msg);
+      if (msg.op === "error") {
+        pending.reject(brokerError(msg.code, msg.message, id));
+      } else {
+        if (pending.onAck) pending.onAck(msg);
+        pending.resolve(msg);
+      }
     } else if (msg.op === "error") {
       this._emit("error", brokerError(msg.code, msg.message, id ?? null));
     }
