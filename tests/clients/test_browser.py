@@ -4,6 +4,10 @@ Loads the page from the broker, subscribes through the UI, publishes from Python
 form, checks the figures polled from GET /stats, and restarts the broker under an open page to see
 the JS client reconnect and re-subscribe. Saves a screenshot to tests/artifacts/page.png and a copy
 to docs/screenshot.png (the README shows it). Never downloads a browser: /usr/bin/chromium only.
+
+With auth on (HS256 tokens minted here with PyJWT): the module's tokens, typed errors, refresh and
+4001; the page's token prompt. With history on: recovery of the page's subscriptions after its
+socket drops (no loss, no duplicate) and the "unrecovered" report after a broker restart.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from broker_client import Client
 from playwright.sync_api import Page, expect, sync_playwright
@@ -22,6 +28,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 from tests.conftest import ARTIFACTS, REPO, BrokerProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
+SECRET = "browser-test-secret-of-32-bytes-or-more"  # PyJWT warns below 32
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -199,6 +206,195 @@ def test_client_module_operations_in_the_browser(page: Page, broker: BrokerProce
     assert result["ended"] is True
     assert result["states"] == ["connecting", "connected", "closed"]
     assert result["matches"] == [True, False]
+
+
+def mint(ttl: int = 60, **claims: Any) -> str:
+    """An HS256 token signed with the test brokers' secret."""
+    now = int(time.time())
+    payload = {"sub": "browser", "iat": now, "exp": now + ttl, **claims}
+    return jwt.encode(payload, SECRET, algorithm="HS256")
+
+
+def auth_broker(broker_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
+    """Auth on, no leeway: a token is over at its `exp`, so the tests stay short."""
+    return broker_factory("--auth-secret", SECRET, "--auth-leeway", "0")
+
+
+def http_publish(broker: BrokerProcess, topic: str, data: str, token: str) -> int:
+    req = urllib.request.Request(
+        f"{broker.http}/publish/{topic}",
+        data=data.encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.status
+
+
+def test_client_module_with_tokens_in_the_browser(
+    page: Page, broker_factory: Callable[..., BrokerProcess]
+) -> None:
+    broker = auth_broker(broker_factory)
+    rights = {"publish": ["js.>"], "subscribe": ["js.>"]}
+    page.goto(broker.http + "/healthz")  # any page of the broker's origin, to import /client.js
+    result: dict[str, Any] = page.evaluate(
+        """async ({ good, refresh, fixed }) => {
+            const m = await import("/client.js");
+            const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+            const brief = (e) => e && {
+                name: e.name, code: e.code ?? null, status: e.status ?? null };
+
+            // A refused upgrade: the browser sees close 1006 before "open", nothing more.
+            const refusedClient = new m.BrokerClient(
+                undefined, { token: "no.such.token", reconnect: false });
+            const refusedEvents = [];
+            refusedClient.addEventListener("error", (e) => refusedEvents.push(e.detail.message));
+            const refusedError = await refusedClient.connect().then(() => null, (e) => e);
+            const refused = { ...brief(refusedError), tokenSent: refusedError.tokenSent,
+                              message: refusedError.message, events: refusedEvents };
+
+            // A good token: allowed requests work, the rest reject with ForbiddenError (.code).
+            const client = await new m.BrokerClient(undefined, { token: good }).connect();
+            const sub = await client.subscribe("js.a");
+            const delivered = await client.publish("js.a", { n: 1 });
+            const message = (await sub.next()).value;
+            const forbidden = await client.publish("other.a", 1).then(() => null, (e) => ({
+                ...brief(e),
+                isForbidden: e instanceof m.ForbiddenError,
+                isBroker: e instanceof m.BrokerError,
+            }));
+            const forbiddenSub = await client.subscribe("other.>").then(() => null, brief);
+            client.close();
+
+            // Both at once (the tokens were minted before this script ran): a token function
+            // whose first token lives ~3 s, refreshed on the same socket; and a fixed token that
+            // expires: "tokenexpired", then closed for good.
+            const refreshPhase = async () => {
+                const handed = [];
+                const client = new m.BrokerClient(undefined, {
+                    token: async () => {
+                        handed.push(refresh[handed.length]);
+                        return handed.at(-1);
+                    },
+                });
+                const states = [];
+                client.addEventListener("state", (e) => states.push(e.detail.state));
+                const expiredEvents = [];
+                client.addEventListener("tokenexpired", () => expiredEvents.push(1));
+                await client.connect();
+                const socket = client._ws;
+                const firstExp = m.tokenClaims(refresh[0]).exp;
+                while (Date.now() < firstExp * 1000 + 1500) await sleep(100);
+                const result = {
+                    handed: handed.length, sameSocket: client._ws === socket, states: [...states],
+                    expired: expiredEvents.length, ping: (await client.ping()) >= 0 };
+                client.close();
+                return result;
+            };
+            const fixedPhase = async () => {
+                const client = new m.BrokerClient(undefined, { token: fixed });
+                const events = [];
+                client.addEventListener("tokenexpired", (e) => events.push({
+                    ...brief(e.detail.error), reconnect: e.detail.reconnect }));
+                await client.connect();
+                const started = Date.now();
+                while (client.state !== "closed" && Date.now() - started < 6000) await sleep(50);
+                return { state: client.state, events,
+                         after: brief(await client.ping().then(() => null, (e) => e)) };
+            };
+            const [refreshed, expired] = await Promise.all([refreshPhase(), fixedPhase()]);
+            return { refused, delivered, message, forbidden, forbiddenSub, refreshed, expired };
+        }""",
+        {
+            "good": mint(**rights),
+            "refresh": [mint(4, **rights), mint(60, **rights), mint(60, **rights)],
+            "fixed": mint(3, **rights),
+        },
+    )
+    refused = result["refused"]
+    assert refused["name"] == "ConnectionRefusedError"
+    assert refused["status"] is None  # a browser hides the 401
+    assert refused["tokenSent"] is True
+    assert refused["message"].startswith("connection refused (check token)")
+    assert refused["events"] == [refused["message"]]
+
+    assert result["delivered"] == 1
+    assert result["message"] == {"topic": "js.a", "data": {"n": 1}, "seq": 1}
+    assert result["forbidden"] == {
+        "name": "ForbiddenError",
+        "code": "forbidden",
+        "status": None,
+        "isForbidden": True,
+        "isBroker": True,
+    }
+    assert result["forbiddenSub"]["code"] == "forbidden"
+
+    refreshed = result["refreshed"]
+    assert refreshed["handed"] >= 2  # the connection's token, then the refresh
+    assert refreshed["sameSocket"] is True
+    assert refreshed["states"] == ["connecting", "connected"]
+    assert refreshed["expired"] == 0
+    assert refreshed["ping"] is True
+
+    expired = result["expired"]
+    assert expired["state"] == "closed"
+    assert expired["events"] == [
+        {"name": "TokenExpiredError", "code": 4001, "status": None, "reconnect": False}
+    ]
+    assert expired["after"] == {"name": "TokenExpiredError", "code": 4001, "status": None}
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_page_asks_for_a_token_then_shows_the_figures(
+    page: Page, broker_factory: Callable[..., BrokerProcess]
+) -> None:
+    broker = auth_broker(broker_factory)
+    stats_auth: list[str | None] = []
+    page.on(
+        "request",
+        lambda r: (
+            stats_auth.append(r.headers.get("authorization")) if r.url.endswith("/stats") else None
+        ),
+    )
+    page.goto(broker.http + "/")
+    expect(page.locator("#auth")).to_be_visible()
+    expect(page.locator("#auth-why")).to_have_text(
+        "This broker needs an admin token to show its figures."
+    )
+    expect(page.locator("#conn-error")).to_contain_text("connection refused")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-token.png"))
+
+    # A valid token without "admin": /stats answers 403 and the page says why.
+    page.fill("#token-input", mint(subscribe=["demo.>"]))
+    page.click("#token-button")
+    expect(page.locator("#auth-why")).to_contain_text("not an admin token")
+    expect(page.locator("#token-status")).to_have_text("refused (HTTP 403)")
+
+    admin = mint(admin=True, subscribe=["demo.>"], publish=["demo.>"])
+    page.fill("#token-input", admin)
+    page.click("#token-button")
+    expect(page.locator("#auth")).to_be_hidden()
+    expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
+    _wait_number(page, "#stat-connections", lambda n: n >= 1)
+    expect(page.locator("#token-forget")).to_be_visible()
+
+    # The page's own WebSocket carries the token too: it subscribes and receives.
+    subscribe_in_ui(page, "demo.>")
+    assert http_publish(broker, "demo.kitchen", '{"hello": "admin"}', admin) == 202
+    expect(page.locator("#messages li[data-topic='demo.kitchen']")).to_contain_text("admin")
+    _wait_number(page, "#stat-published-total", lambda n: n == 1)
+    page.screenshot(path=str(ARTIFACTS / "page-token-accepted.png"))
+
+    # Only in this tab's sessionStorage; never in localStorage or the URL.
+    storage = page.evaluate(
+        "() => ({ session: sessionStorage.getItem('broker.token'), local: localStorage.length })"
+    )
+    assert storage == {"session": admin, "local": 0}
+    assert "token" not in page.url
+    assert stats_auth[0] is None
+    assert stats_auth[-1] == f"Bearer {admin}"
+    assert page.errors == []  # type: ignore[attr-defined]
 
 
 def _number(page: Page, selector: str) -> float | None:

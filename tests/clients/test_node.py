@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from queue import Empty, Queue
 from typing import Any
@@ -20,14 +21,20 @@ JS = REPO / "tests" / "js"
 NODE = shutil.which("node")
 
 
+def _module(tmp_path: Path) -> Path:
+    """The module under test, as an .mjs so Node loads it as ES module whatever its version."""
+    assert NODE is not None, "node is missing"
+    assert (JS / "node_modules" / "ws").is_dir(), "run `npm install` in tests/js (make test does)"
+    module = tmp_path / "broker-client.mjs"
+    shutil.copyfile(REPO / "clients" / "js" / "broker-client.js", module)
+    return module
+
+
 def test_node_ws_client_and_js_module_through_the_broker(
     broker: BrokerProcess, tmp_path: Path
 ) -> None:
-    assert NODE is not None, "node is missing"
-    assert (JS / "node_modules" / "ws").is_dir(), "run `npm install` in tests/js (make test does)"
-    # The module under test, as an .mjs so Node loads it as ES module whatever its version.
-    module = tmp_path / "broker-client.mjs"
-    shutil.copyfile(REPO / "clients" / "js" / "broker-client.js", module)
+    module = _module(tmp_path)
+    assert NODE is not None
     proc = subprocess.Popen(
         [NODE, str(JS / "pubsub.mjs"), broker.url, str(module)],
         cwd=JS,
@@ -89,3 +96,67 @@ def test_node_ws_client_and_js_module_through_the_broker(
     assert [m["topic"] for m in received["client"]] == ["node.raw.x", "node.raw.y", "node.raw.py"]
     assert received["client"][2] == {"topic": "node.raw.py", "data": {"from": "python"}, "seq": 1}
     assert received["rtt"] is True
+
+
+SECRET = "node-test-secret-of-32-bytes-or-more"  # PyJWT warns below 32
+
+
+def _auth_recovery(broker: BrokerProcess, module: Path, part: str) -> dict[str, Any]:
+    """Run one part of tests/js/auth_recovery.mjs; its output lines by step."""
+    assert NODE is not None
+    proc = subprocess.run(
+        [NODE, str(JS / "auth_recovery.mjs"), broker.url, str(module), SECRET, part],
+        cwd=JS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0, (lines, proc.stderr)
+    steps = {line["step"]: line for line in lines}
+    assert "done" in steps, lines
+    return steps
+
+
+def test_js_module_with_auth_in_node(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    """Tokens minted in Node: refusal (with its status), forbidden, a narrower token's revoked
+    subscription, refresh through a function past the first exp, 4001 with a fixed token."""
+    broker = broker_factory("--auth-secret", SECRET, "--auth-leeway", "0")
+    steps = _auth_recovery(broker, _module(tmp_path), "auth")
+
+    refused = steps["refused"]  # Node's ws shows the status a browser hides
+    assert refused["error"] == {"name": "ConnectionRefusedError", "code": None, "status": 401}
+    assert refused["events"] == [refused["error"]]
+    assert refused["state"] == "closed"
+    assert refused["refused"] is True
+
+    token = steps["token"]
+    assert token["delivered"] == 1
+    assert token["message"] == {"topic": "node.a", "data": 1, "seq": 1}
+    assert token["publish"] == {
+        "name": "ForbiddenError",
+        "code": "forbidden",
+        "status": None,
+        "forbidden": True,
+    }
+    assert token["subscribe"] == {"name": "ForbiddenError", "code": "forbidden", "status": None}
+    assert token["revoked"] == ["node.b"]  # the narrower token sent with the auth op
+    assert token["ended"] == {"name": "ForbiddenError", "code": "forbidden", "status": None}
+    assert token["errors"] == [token["ended"]]
+    assert token["subscriptions"] == ["node.a"]
+
+    refresh = steps["refresh"]  # past the first token's exp on the same socket
+    assert refresh["tokens"] >= 2
+    assert refresh["sameSocket"] is True
+    assert refresh["states"] == ["connecting", "connected"]
+    assert refresh["expired"] == 0
+
+    expired = steps["expired"]
+    assert expired["state"] == "closed"
+    assert expired["events"] == [
+        {"name": "TokenExpiredError", "code": 4001, "status": None, "reconnect": False}
+    ]
+    assert expired["error"] == {"name": "TokenExpiredError", "code": 4001, "status": None}
