@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 Tokens = tuple[str, ...]
+GRANT_CACHE = 256  # answers remembered per Grant and kind (cleared when full)
 
 
 def check_pattern(pattern: object) -> str:
@@ -105,16 +106,19 @@ def covers(claims: Sequence[str], pattern: str) -> bool:
 class Grant:
     """The permissions of one verified token; shared by every connection that presents it.
 
-    `expires` is the token's `exp` (Unix seconds) or None. Immutable after construction, so one
-    object can be held by many sessions (the verifier hands the same Grant to a token it has
-    already verified), and the per-connection cost is the one `Session.grant` slot.
+    `expires` is the token's `exp` (Unix seconds) or None. Immutable after construction (only
+    its answer caches grow), so one object can be held by many sessions (the verifier hands the
+    same Grant to a token it has already verified), and the per-connection cost is the one
+    `Session.grant` slot.
     """
 
     __slots__ = (
         "_pub",
         "_pub_all",
+        "_pub_cache",
         "_sub",
         "_sub_all",
+        "_sub_cache",
         "admin",
         "expires",
         "publish",
@@ -139,14 +143,40 @@ class Grant:
         self._sub = tuple(tuple(p.split(".")) for p in self.subscribe)
         self._pub_all = ">" in self.publish
         self._sub_all = ">" in self.subscribe
+        # Answers by topic / pattern, made on first use: a publish with auth on then costs a
+        # dict lookup (~50 ns) instead of the walk (~1-2 us with a few claims).
+        self._pub_cache: dict[str, bool] | None = None
+        self._sub_cache: dict[str, bool] | None = None
 
     def may_publish(self, topic: str) -> bool:
         """Publishing to concrete `topic` is allowed: one `publish` pattern matches it."""
-        return self._pub_all or covers_tokens(self._pub, topic.split("."))
+        if self._pub_all:
+            return True
+        cache = self._pub_cache
+        if cache is None:
+            cache = self._pub_cache = {}
+        ok = cache.get(topic)
+        if ok is None:
+            ok = covers_tokens(self._pub, topic.split("."))
+            if len(cache) >= GRANT_CACHE:
+                cache.clear()
+            cache[topic] = ok
+        return ok
 
     def may_subscribe(self, pattern: str) -> bool:
         """Subscribing to `pattern` is allowed: the `subscribe` claims cover it (`covers`)."""
-        return self._sub_all or covers_tokens(self._sub, pattern.split("."))
+        if self._sub_all:
+            return True
+        cache = self._sub_cache
+        if cache is None:
+            cache = self._sub_cache = {}
+        ok = cache.get(pattern)
+        if ok is None:
+            ok = covers_tokens(self._sub, pattern.split("."))
+            if len(cache) >= GRANT_CACHE:
+                cache.clear()
+            cache[pattern] = ok
+        return ok
 
     def __repr__(self) -> str:
         return (

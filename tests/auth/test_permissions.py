@@ -118,6 +118,14 @@ def test_grant_checks_and_fast_paths() -> None:
     assert not nothing.may_publish("a") and not nothing.may_subscribe("a")
 
 
+def test_grant_answers_stay_right_past_its_cache() -> None:
+    g = Grant(publish=["t.*"], subscribe=["t.>"])
+    topics = [f"t.{i}" for i in range(300)] + [f"u.{i}" for i in range(300)]  # over GRANT_CACHE
+    for _ in range(2):
+        assert [g.may_publish(t) for t in topics] == [t.startswith("t.") for t in topics]
+        assert [g.may_subscribe(t) for t in topics] == [t.startswith("t.") for t in topics]
+
+
 @pytest.mark.parametrize("bad", ["", "a..b", "a.>.b", "a*", "a.b>", ">a", 7, None])
 def test_invalid_claim_patterns_are_refused(bad: object) -> None:
     with pytest.raises(ValueError):
