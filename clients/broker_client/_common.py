@@ -76,6 +76,8 @@ class _Flag(Protocol):
 
     def set(self) -> None: ...
 
+    def clear(self) -> None: ...
+
     def is_set(self) -> bool: ...
 
 
@@ -217,6 +219,7 @@ class ClientBase:
 
     _ready: _Flag  # set while CONNECTED or CLOSED: a caller may stop waiting
     _closing: _Flag
+    _ws: Any  # the open connection of the flavour's `websockets` API, None between connections
 
     def __init__(
         self,
@@ -341,6 +344,22 @@ class ClientBase:
 
     def _open_failed(self, exc: Exception) -> ConnectError | BrokerError:
         return open_error(self.url, exc, self._open_timeout)
+
+    def _ended(self, error: BaseException) -> bool:
+        """A connection ended: fail its waiting requests; True when the client should reconnect."""
+        self._ws = None
+        self._ready.clear()
+        self._session.connection_lost(error)
+        return not self._closing.is_set() and self._policy.after_loss(error)
+
+    def _reopened(self, ws: Any) -> list[str | bytes]:
+        """A new connection is open: the subscribe frames to send on it (CONNECTED at once when
+        there are none, else when the broker acknowledged the last of them)."""
+        self._ws = ws
+        frames = self._session.begin_resubscribe()
+        if not frames:
+            self._connected()
+        return frames
 
     def _usable_now(self, ws: Any) -> bool:
         """True when a request can go out on `ws` now, False to wait; raises when it never will."""

@@ -348,13 +348,8 @@ class AsyncClient(ClientBase):
         try:
             while True:
                 error = await self._read(ws)
-                self._ws = None
-                self._ready.clear()
-                self._session.connection_lost(error)
-                if self._closing.is_set():
-                    break
-                if not self._policy.after_loss(error):
-                    final = error
+                if not self._ended(error):
+                    final = None if self._closing.is_set() else error
                     break
                 reopened, final = await self._reopen(error)
                 if reopened is None:
@@ -399,10 +394,7 @@ class AsyncClient(ClientBase):
             if self._closing.is_set():
                 await ws.close()
                 return None, None
-            self._ws = ws
-            frames = self._session.begin_resubscribe()
-            if not frames:
-                self._connected()
+            frames = self._reopened(ws)
             with contextlib.suppress(ConnectionClosed):  # the read loop sees the close
                 for frame in frames:
                     await ws.send(frame)

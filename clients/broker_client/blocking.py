@@ -361,13 +361,8 @@ class Client(ClientBase):
         try:
             while True:
                 error = self._read(ws)
-                self._ws = None
-                self._ready.clear()
-                self._session.connection_lost(error)
-                if self._closing.is_set():
-                    break
-                if not self._policy.after_loss(error):
-                    final = error
+                if not self._ended(error):
+                    final = None if self._closing.is_set() else error
                     break
                 reopened, final = self._reopen(error)
                 if reopened is None:
@@ -407,10 +402,7 @@ class Client(ClientBase):
             if self._closing.is_set():
                 ws.close()
                 return None, None
-            self._ws = ws
-            frames = self._session.begin_resubscribe()
-            if not frames:
-                self._connected()
+            frames = self._reopened(ws)
             # The reader sees the close, if the connection drops meanwhile.
             with contextlib.suppress(ConnectionClosed), self._send_lock:
                 for frame in frames:
