@@ -320,13 +320,18 @@ export class BrokerClient extends EventTarget {
 
   /**
    * Replace the token (string or function). Connected: it is sent at once with the `auth` op
-   * (resolves to the revoked patterns). Waiting to reconnect: the next attempt starts now.
+   * (resolves to the revoked patterns). Connecting or waiting to reconnect: a new attempt starts now.
    */
   async setToken(token) {
     this.options.token = token;
     if (this._state === "connected") return this._refresh();
-    if (this._state === "reconnecting") {
+    if (this._state === "reconnecting" || this._state === "connecting") {
+      // Do not wait for an attempt made with the old token to fail: start one with the new.
       clearTimeout(this._timer);
+      const ws = this._ws;
+      this._ws = null; // its events are ignored from now on
+      if (ws) ws.close();
+      this._failPending(new ConnectionLostError("token replaced while connecting"));
       this._open();
     }
     return [];
