@@ -103,13 +103,12 @@ def covers(claims: Sequence[str], pattern: str) -> bool:
     return covers_tokens((tuple(c.split(".")) for c in claims), pattern.split("."))
 
 
-class Grant:
-    """The permissions of one verified token; shared by every connection that presents it.
+class Rules:
+    """A token's `publish` and `subscribe` lists, pre-split, with the answers found so far.
 
-    `expires` is the token's `exp` (Unix seconds) or None. Immutable after construction (only
-    its answer caches grow), so one object can be held by many sessions (the verifier hands the
-    same Grant to a token it has already verified), and the per-connection cost is the one
-    `Session.grant` slot.
+    Immutable but for its caches, and shared: users with the same claims (a role) but their own
+    `sub` and `exp` hold distinct Grants around one Rules object (the verifier interns them), so
+    a distinct token per connection costs a small Grant, not its claim lists again.
     """
 
     __slots__ = (
@@ -119,26 +118,13 @@ class Grant:
         "_sub",
         "_sub_all",
         "_sub_cache",
-        "admin",
-        "expires",
         "publish",
-        "sub",
         "subscribe",
     )
 
-    def __init__(
-        self,
-        sub: str = "",
-        publish: Sequence[str] = (),
-        subscribe: Sequence[str] = (),
-        admin: bool = False,
-        expires: float | None = None,
-    ) -> None:
-        self.sub = sub
+    def __init__(self, publish: Sequence[str] = (), subscribe: Sequence[str] = ()) -> None:
         self.publish = tuple(check_pattern(p) for p in publish)
         self.subscribe = tuple(check_pattern(p) for p in subscribe)
-        self.admin = admin
-        self.expires = expires
         self._pub = tuple(tuple(p.split(".")) for p in self.publish)
         self._sub = tuple(tuple(p.split(".")) for p in self.subscribe)
         self._pub_all = ">" in self.publish
@@ -149,7 +135,6 @@ class Grant:
         self._sub_cache: dict[str, bool] | None = None
 
     def may_publish(self, topic: str) -> bool:
-        """Publishing to concrete `topic` is allowed: one `publish` pattern matches it."""
         if self._pub_all:
             return True
         cache = self._pub_cache
@@ -164,7 +149,6 @@ class Grant:
         return ok
 
     def may_subscribe(self, pattern: str) -> bool:
-        """Subscribing to `pattern` is allowed: the `subscribe` claims cover it (`covers`)."""
         if self._sub_all:
             return True
         cache = self._sub_cache
@@ -177,6 +161,48 @@ class Grant:
                 cache.clear()
             cache[pattern] = ok
         return ok
+
+
+class Grant:
+    """The permissions of one verified token; shared by every connection that presents it.
+
+    `expires` is the token's `exp` (Unix seconds) or None. Immutable, so one object can be held
+    by many sessions (the verifier hands the same Grant to a token it has already verified), and
+    the per-connection cost is the one `Session.grant` slot; a Grant itself is four slots, its
+    claim lists living in a shared `Rules`.
+    """
+
+    __slots__ = ("admin", "expires", "rules", "sub")
+
+    def __init__(
+        self,
+        sub: str = "",
+        publish: Sequence[str] = (),
+        subscribe: Sequence[str] = (),
+        admin: bool = False,
+        expires: float | None = None,
+        rules: Rules | None = None,
+    ) -> None:
+        self.sub = sub
+        self.rules = rules if rules is not None else Rules(publish, subscribe)
+        self.admin = admin
+        self.expires = expires
+
+    @property
+    def publish(self) -> tuple[str, ...]:
+        return self.rules.publish
+
+    @property
+    def subscribe(self) -> tuple[str, ...]:
+        return self.rules.subscribe
+
+    def may_publish(self, topic: str) -> bool:
+        """Publishing to concrete `topic` is allowed: one `publish` pattern matches it."""
+        return self.rules.may_publish(topic)
+
+    def may_subscribe(self, pattern: str) -> bool:
+        """Subscribing to `pattern` is allowed: the `subscribe` claims cover it (`covers`)."""
+        return self.rules.may_subscribe(pattern)
 
     def __repr__(self) -> str:
         return (

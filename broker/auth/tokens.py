@@ -33,11 +33,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from broker.auth.permissions import Grant
+from broker.auth.permissions import Grant, Rules
 from broker.config import Config
 from broker.errors import AUTH_FAILURE_REASONS
 
 CACHE_SIZE = 1024  # verified tokens remembered
+RULES_SIZE = 4096  # distinct claim lists interned (the table restarts when full)
 CACHEABLE_TOKEN = 4096  # longer tokens are verified each time (bounds the cache's memory)
 MAX_TOKEN = 16 * 1024  # longer is refused unread: no base64/JSON work for a hostile megabyte
 MIN_RSA_BITS = 2048
@@ -223,6 +224,7 @@ class TokenVerifier:
         self.audience = audience or None
         self.leeway = leeway
         self._cache: OrderedDict[str, Grant] = OrderedDict()
+        self._rules: dict[tuple[tuple[str, ...], tuple[str, ...]], Rules] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> TokenVerifier | None:
@@ -296,7 +298,7 @@ class TokenVerifier:
             raise AuthError("other", str(exc)) from None
         except (ValueError, TypeError) as exc:  # e.g. a payload that is JSON but not an object
             raise AuthError("malformed", type(exc).__name__) from None
-        return grant_from_claims(claims)
+        return grant_from_claims(claims, self._rules)
 
 
 def _patterns(claims: dict[str, Any], name: str) -> list[str]:
@@ -306,8 +308,11 @@ def _patterns(claims: dict[str, Any], name: str) -> list[str]:
     return value
 
 
-def grant_from_claims(claims: dict[str, Any]) -> Grant:
-    """The Grant of verified `claims`; AuthError("malformed") for claims of the wrong type."""
+def grant_from_claims(
+    claims: dict[str, Any], interned: dict[tuple[tuple[str, ...], tuple[str, ...]], Rules]
+) -> Grant:
+    """The Grant of verified `claims`; AuthError("malformed") for claims of the wrong type.
+    Its Rules come from `interned` when another token had the same lists."""
     if not isinstance(claims, dict):
         raise AuthError("malformed", "claims must be an object")
     admin = claims.get("admin", False)
@@ -317,13 +322,14 @@ def grant_from_claims(claims: dict[str, Any]) -> Grant:
     if "exp" in claims:
         exp = int(claims["exp"])  # PyJWT has checked it is a number; it compares int(exp) too
         expires = float(exp) if exp < FAR_FUTURE else None
-    try:
-        return Grant(
-            sub=claims.get("sub") or "",
-            publish=_patterns(claims, "publish"),
-            subscribe=_patterns(claims, "subscribe"),
-            admin=admin,
-            expires=expires,
-        )
-    except ValueError as exc:
-        raise AuthError("malformed", str(exc)) from None
+    key = (tuple(_patterns(claims, "publish")), tuple(_patterns(claims, "subscribe")))
+    rules = interned.get(key)
+    if rules is None:
+        try:
+            rules = Rules(*key)
+        except ValueError as exc:
+            raise AuthError("malformed", str(exc)) from None
+        if len(interned) >= RULES_SIZE:
+            interned.clear()
+        interned[key] = rules
+    return Grant(sub=claims.get("sub") or "", admin=admin, expires=expires, rules=rules)
