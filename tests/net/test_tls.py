@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import REPO, BrokerProcess
@@ -117,6 +118,49 @@ def test_slow_reader_gets_every_byte_after_backpressure(broker_factory: Factory,
             assert json.loads(slow.recv(10))["data"] == payload(n, size)
         assert request(slow, op="ping", id=2)["op"] == "pong"
     assert broker.wait_metric("broker_outbound_queued_bytes", equals=0) == 0
+
+
+def test_slow_consumer_over_tls_is_closed_and_its_ciphertext_freed(
+    broker_factory: Factory, pki: Pki
+) -> None:
+    """Over the high-water mark with ciphertext owed: closed as a slow consumer (close frame and
+    close_notify queued behind what it was owed), its buffers freed, the others served."""
+    broker = start_tls(broker_factory, pki, "--close-timeout", "1")
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", broker.port))
+    # close_timeout: the paused client never reads the broker's close, so do not wait 10 s for it
+    with (
+        wss(
+            broker,
+            sock=raw,
+            server_hostname="127.0.0.1",
+            max_size=None,
+            max_queue=1,
+            close_timeout=0.5,
+        ) as slow,
+        wss(broker) as pub,
+    ):
+        assert request(slow, op="subscribe", topic="s", id=1)["op"] == "ack"
+        for n in range(40):  # 8 MB against the default 1 MiB mark
+            assert request(pub, op="publish", topic="s", data=payload(n, 200_000), id=n)["op"]
+        labels = 'reason="slow_consumer"'
+        assert broker.wait_metric("broker_connections_closed_total", labels, equals=1) == 1
+        assert broker.wait_metric("broker_outbound_queued_bytes", equals=0) == 0
+        assert request(pub, op="ping", id=99)["op"] == "pong"
+
+
+def test_sigterm_closes_tls_clients_with_1001(broker_factory: Factory, pki: Pki) -> None:
+    broker = start_tls(broker_factory, pki)
+    with wss(broker) as ws:
+        assert request(ws, op="subscribe", topic="x", id=1)["op"] == "ack"
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(10)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1001
+    assert broker.proc.wait(10) == 0
 
 
 def test_http_over_tls_keeps_alive(broker_factory: Factory, pki: Pki) -> None:
