@@ -18,22 +18,39 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x
 
 
 def encode_frame(
-    opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0
+    opcode: int,
+    payload: bytes,
+    *,
+    fin: bool = True,
+    mask: bool = True,
+    rsv: int = 0,
+    key: bytes | None = None,
+    wide: bool = False,
 ) -> bytes:
+    """One client frame. `key` fixes the masking key (else random); `wide` writes the length in
+    the 64-bit form whatever it is (not minimal: RFC 6455 section 5.2 says MUST be minimal)."""
     head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
     n = len(payload)
     mask_bit = 0x80 if mask else 0
-    if n < 126:
-        head += bytes([mask_bit | n])
-    elif n < 65536:
-        head += bytes([mask_bit | 126]) + struct.pack("!H", n)
-    else:
+    if wide or n >= 65536:
         head += bytes([mask_bit | 127]) + struct.pack("!Q", n)
+    elif n < 126:
+        head += bytes([mask_bit | n])
+    else:
+        head += bytes([mask_bit | 126]) + struct.pack("!H", n)
     if not mask:
         return head + payload
-    key = os.urandom(4)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return head + key + masked
+    key = os.urandom(4) if key is None else key
+    return head + key + apply_mask(payload, key)
+
+
+def apply_mask(payload: bytes, key: bytes) -> bytes:
+    """XOR with the 4-byte key repeated (section 5.3), as one big-integer operation."""
+    n = len(payload)
+    if not n:
+        return b""
+    stream = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload) ^ int.from_bytes(stream)).to_bytes(n)
 
 
 class RawWs:

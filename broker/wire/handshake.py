@@ -60,7 +60,7 @@ def _tokens(value: bytes) -> list[bytes]:
 class HttpExchange:
     """One HTTP connection: parse requests (bodies capped at `max_body`), write responses."""
 
-    __slots__ = ("_body", "_body_size", "_h11", "_max_body", "_request")
+    __slots__ = ("_body", "_body_size", "_h11", "_max_body", "_request", "_start")
 
     def __init__(self, max_body: int) -> None:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
@@ -68,9 +68,14 @@ class HttpExchange:
         self._request: h11.Request | None = None
         self._body: list[bytes] = []
         self._body_size = 0
+        # The first bytes of the request in progress: a request h11 refuses still gets a HEAD
+        # answer (no body) when it began with "HEAD ", as its sender will read it that way.
+        self._start = b""
 
     def receive(self, data: bytes) -> HttpRequest | None:
         """Feed bytes (b"" for EOF); a whole request once one is complete, else None."""
+        if len(self._start) < 5 and self._request is None:
+            self._start += data[: 5 - len(self._start)]
         if data or self._h11.their_state is not h11.DONE:
             self._h11.receive_data(data)
         return self.next_request()
@@ -127,20 +132,26 @@ class HttpExchange:
         if self._h11.their_state is not h11.DONE and (b"connection", b"close") not in headers:
             # The request was cut short (an error mid-request): h11 cannot keep the connection.
             hdrs.append((b"connection", b"close"))
+        head = self._head
+        if head and self._request is None:
+            # A HEAD request h11 refused: h11 would expect the body, so write the answer by hand.
+            return _plain_response(status, b"", hdrs)
         try:
             response = h11.Response(status_code=status, headers=hdrs, reason=_reason(status))
             out = self._h11.send(response) or b""
         except h11.LocalProtocolError:
             # h11 is in an error state (a malformed request): write the response by hand.
-            return _plain_response(status, b"" if self._head else body, hdrs)
-        if not self._head:
+            return _plain_response(status, b"" if head else body, hdrs)
+        if not head:
             out += self._h11.send(h11.Data(data=body)) or b""
         out += self._h11.send(h11.EndOfMessage()) or b""
         return out
 
     @property
     def _head(self) -> bool:
-        return self._request is not None and self._request.method == b"HEAD"
+        if self._request is None:
+            return self._start == b"HEAD "
+        return self._request.method == b"HEAD"
 
     @property
     def must_close(self) -> bool:
@@ -151,6 +162,7 @@ class HttpExchange:
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
             self._request = None
+            self._start = bytes(self._h11.trailing_data[0][:5])  # a pipelined next request
             return True
         return False
 
