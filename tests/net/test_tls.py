@@ -163,6 +163,16 @@ def test_sigterm_closes_tls_clients_with_1001(broker_factory: Factory, pki: Pki)
     assert broker.proc.wait(10) == 0
 
 
+def test_keepalive_pings_travel_over_tls(broker_factory: Factory, pki: Pki) -> None:
+    """The sweep's pings are queued like any frame and encrypted by the flush; the client's
+    automatic pongs keep it open past ping interval + timeout."""
+    broker = start_tls(broker_factory, pki, "--ping-interval", "1", "--ping-timeout", "1")
+    with wss(broker) as ws:
+        time.sleep(3.5)  # at least two ping rounds
+        assert request(ws, op="ping", id=1)["op"] == "pong"
+    assert broker.metric("broker_connections_closed_total", 'reason="ping_timeout"') == 0
+
+
 def test_http_over_tls_keeps_alive(broker_factory: Factory, pki: Pki) -> None:
     broker = start_tls(broker_factory, pki)
     conn = http.client.HTTPSConnection("127.0.0.1", broker.port, context=broker.tls, timeout=5)
