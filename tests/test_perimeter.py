@@ -21,6 +21,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from tests.auth.keys import SECRET, claims, sign
 from tests.conftest import REPO, BrokerProcess, free_port
 from tests.tlsutil import Pki
 from tests.wsraw import OP_CLOSE, OP_TEXT, RawWs, close_payload, encode_frame
@@ -33,7 +34,12 @@ class Handshake:
     """A raw upgrade from a chosen loopback address; keeps the socket when it got 101."""
 
     def __init__(
-        self, port: int, source: str, origin: str | None = None, timeout: float = 10.0
+        self,
+        port: int,
+        source: str,
+        origin: str | None = None,
+        timeout: float = 10.0,
+        token: str | None = None,
     ) -> None:
         self.sock = socket.create_connection(
             ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
@@ -49,6 +55,8 @@ class Handshake:
         ]
         if origin is not None:
             lines.append(f"Origin: {origin}")
+        if token is not None:
+            lines.append(f"Authorization: Bearer {token}")
         buf = b""
         try:
             self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
@@ -301,3 +309,36 @@ def test_per_address_limit_over_tls(broker_factory: Factory, tmp_path: Path) -> 
     with wss() as again:
         again.send(json.dumps({"op": "ping", "id": 1}))
         assert json.loads(again.recv(5)) == {"op": "pong", "id": 1}
+
+
+def test_perimeter_comes_before_authentication_and_a_401_frees_its_place(
+    broker_factory: Factory, handshakes: list[Handshake]
+) -> None:
+    b = broker_factory(
+        "--auth-secret",
+        SECRET,
+        "--max-connections-per-ip",
+        "1",
+        "--allowed-origins",
+        "https://ok.x",
+    )
+    token = sign(claims(subscribe=[">"]))
+
+    def upgrade(origin: str | None = "https://ok.x", token: str | None = None) -> Handshake:
+        h = Handshake(b.port, ATTACKER, origin, token=token)
+        handshakes.append(h)
+        return h
+
+    assert upgrade("https://evil.x").status == 403  # refused before its (missing) token is read
+    for _ in range(3):  # admitted by the perimeter, refused by auth: the place is given back
+        refused = upgrade()
+        assert refused.status == 401
+        assert refused.closed_by_broker()
+        refused.close()
+        wait_connections(b, 0)
+    held = upgrade(token=token)
+    assert held.status == 101
+    assert upgrade().status == 503  # the address is full: 503 before any token check
+    assert upgrade(token=token).status == 503
+    assert refused_total(b, "per_ip") == 2 and refused_total(b, "origin") == 1
+    assert b.metric("broker_auth_failures_total", 'reason="missing"') == 3
