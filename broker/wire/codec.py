@@ -108,7 +108,8 @@ def _check_str(text: str) -> None:
 def _decode_json(text: str) -> Any:
     value = _json_decode(text)
     if type(value) is dict or type(value) is list:
-        deep = text.count("[") + text.count("{") > MAX_DEPTH
+        # Deeper than MAX_DEPTH takes more than MAX_DEPTH openers and as many closers.
+        deep = len(text) > 2 * MAX_DEPTH and text.count("[") + text.count("{") > MAX_DEPTH
         strings = _SURROGATE_ESCAPE.search(text) is not None
         if deep or strings:
             _check(value, deep, strings)
