@@ -26,8 +26,9 @@ EXPOSE 8765
 # SIGTERM makes the broker drain (close 1001 to every client, flush, exit 0); the exec form below
 # makes the broker PID 1 so it receives the signal from `docker stop` itself.
 STOPSIGNAL SIGTERM
-# The slim image has no curl: ask /healthz with the interpreter the broker already uses.
+# The slim image has no curl: ask /healthz with the interpreter the broker already uses; over
+# https when TLS is configured with BROKER_TLS_CERT (its own loopback port: not verified).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8765/healthz', timeout=2).status != 200)"]
+    CMD ["python", "-c", "import os, ssl, sys, urllib.request; ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE; scheme = 'https' if os.environ.get('BROKER_TLS_CERT') else 'http'; sys.exit(urllib.request.urlopen(scheme + '://127.0.0.1:8765/healthz', timeout=2, context=ctx).status != 200)"]
 ENTRYPOINT ["broker"]
 CMD ["--host", "0.0.0.0", "--port", "8765"]

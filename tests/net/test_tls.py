@@ -343,3 +343,23 @@ def test_bad_tls_flags_fail_the_start(pki: Pki, args: list[str], status: int, me
     )
     assert done.returncode == status
     assert message in done.stderr.decode()
+
+
+def test_the_docker_health_check_speaks_tls_when_configured(
+    broker_factory: Factory, pki: Pki
+) -> None:
+    """The Dockerfile's HEALTHCHECK command (its port swapped for the test's) asks https://
+    when BROKER_TLS_CERT is set, and plain http:// otherwise."""
+    line = next(x for x in (REPO / "Dockerfile").read_text().splitlines() if "CMD [" in x)
+    command = json.loads(line.split("CMD", 1)[1])
+    cert, key, _ = pki.issue(3001)
+    env = {"BROKER_TLS_CERT": str(cert), "BROKER_TLS_KEY": str(key)}
+    tls_broker = broker_factory(env=env, tls=pki.client_context())
+    plain_broker = broker_factory()
+    for broker, check_env in ((tls_broker, env), (plain_broker, {})):
+        argv = [a.replace(":8765/", f":{broker.port}/") for a in command]
+        argv[0] = sys.executable
+        done = subprocess.run(
+            argv, env={**os.environ, **check_env}, capture_output=True, timeout=30, check=False
+        )
+        assert done.returncode == 0, done.stderr.decode()
