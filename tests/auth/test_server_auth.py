@@ -237,6 +237,19 @@ def test_expiry_closes_4001_within_a_second_of_exp_plus_leeway(secured: BrokerPr
     )
 
 
+def test_a_refresh_to_a_sooner_expiry_closes_at_the_sooner_one(secured: BrokerProcess) -> None:
+    c = ws(secured, sign(claims([">"], [">"], ttl=120)))
+    exp = int(time.time()) + 2
+    assert (
+        request(c, {"op": "auth", "token": sign(claims([], [], exp=exp)), "id": 1})["op"] == "ack"
+    )
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            c.recv(10)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 4001
+    assert exp + 1 - 0.05 <= time.time() <= exp + 1 + 1.0
+
+
 # -- HTTP -----------------------------------------------------------------------------------------
 
 
