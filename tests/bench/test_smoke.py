@@ -159,3 +159,8 @@ def test_tls_idle_and_fanout_against_a_spawned_broker(tmp_path: Path) -> None:
     assert r["subs_ready"] == 30
     assert r["lost"] == 0
     assert r["delivered"] == r["published"] * 30 > 0
+
+
+def test_tls_ceiling_is_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ceiling", "--tls"]) == 2
+    assert "speaks no TLS" in capsys.readouterr().err
