@@ -3,11 +3,14 @@ failure reason, the attacks (alg none, algorithm confusion, unknown kid), and to
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jwt.warnings import InsecureKeyLengthWarning
 
 from broker.auth.tokens import (
@@ -20,8 +23,17 @@ from broker.auth.tokens import (
     query_token,
 )
 from broker.config import Config
+from broker.errors import AUTH_FAILURE_REASONS
 
 from .keys import LONG_SECRET, SECRET, claims, forge, public_pem, sign, write_jwks, write_public_key
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 def verifier(**flags: object) -> TokenVerifier:
@@ -203,3 +215,36 @@ def test_token_sources() -> None:
     assert (
         query_token(b"/ws?" + b"&".join(b"a=%d" % i for i in range(100)) + b"&token=t") == "\ufffd"
     )
+
+
+_FUZZ_VERIFIER: list[TokenVerifier] = []
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=300),
+        st.lists(st.text(max_size=60), min_size=1, max_size=4).map(".".join),
+        st.lists(st.binary(max_size=60), min_size=3, max_size=3).map(
+            lambda parts: ".".join(base64.urlsafe_b64encode(p).decode().rstrip("=") for p in parts)
+        ),
+        st.builds(
+            lambda header, payload: forge(payload, header, SECRET.encode()),
+            st.dictionaries(st.sampled_from(["alg", "kid", "typ", "crit", "b64"]), JSONISH).map(
+                lambda h: {**h, "alg": "HS256"} if len(h) % 2 else h  # signed right, half the time
+            ),
+            st.dictionaries(
+                st.sampled_from(["exp", "nbf", "iat", "aud", "iss", "sub", "publish", "admin"]),
+                JSONISH,
+            ),
+        ),
+    )
+)
+def test_hostile_tokens_raise_only_auth_error(token: str) -> None:
+    """Whatever the string, verify answers with a Grant or an AuthError of a known reason."""
+    if not _FUZZ_VERIFIER:
+        _FUZZ_VERIFIER.append(verifier(auth_secret=SECRET))
+    try:
+        _FUZZ_VERIFIER[0].verify(token)
+    except AuthError as exc:
+        assert exc.reason in AUTH_FAILURE_REASONS
