@@ -629,7 +629,8 @@ export class BrokerClient extends EventTarget {
 
   /**
    * Milliseconds the current token has left, or null without `exp`. With `iat` the lifetime is
-   * also measured from when the client got the token, which bounds a slow local clock.
+   * also measured from when the client got the token: for a token minted just before it was
+   * handed over, a local clock running behind cannot make the refresh late.
    */
   _tokenLeft() {
     const claims = tokenClaims(this._token);
