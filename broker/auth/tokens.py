@@ -8,7 +8,7 @@ its own `alg`. So `alg: none`, and the classic confusion attack (an HS256 token 
 the server's public key), are refused as `signature` failures before any crypto runs.
 
 Reasons (`AUTH_FAILURE_REASONS`, the label of `broker_auth_failures_total`): `missing` (no token),
-`malformed` (not a JWT, or claims of the wrong type), `signature` (bad signature, an algorithm or
+`malformed` (not a JWT, or header fields or claims of the wrong type), `signature` (bad signature, an algorithm or
 `kid` we do not accept), `expired`, `not_yet_valid` (`nbf` or `iat` in the future), `audience`,
 `issuer`, `other` (anything else PyJWT refuses). `exp` and `nbf` are honoured with
 `--auth-leeway` seconds of tolerance; a token valid now stays valid until `exp + leeway`.
@@ -58,6 +58,7 @@ _HANDLED = {
     jwt.exceptions.InvalidSubjectError: "malformed",
     jwt.exceptions.InvalidJTIError: "malformed",
     jwt.DecodeError: "malformed",
+    jwt.InvalidTokenError: "malformed",  # the rest: header fields of the wrong type (kid, crit)
 }
 _MISSING_CLAIM = {"aud": "audience", "iss": "issuer"}
 
