@@ -8,10 +8,11 @@ its own `alg`. So `alg: none`, and the classic confusion attack (an HS256 token 
 the server's public key), are refused as `signature` failures before any crypto runs.
 
 Reasons (`AUTH_FAILURE_REASONS`, the label of `broker_auth_failures_total`): `missing` (no token),
-`malformed` (not a JWT, or header fields or claims of the wrong type), `signature` (bad signature, an algorithm or
-`kid` we do not accept), `expired`, `not_yet_valid` (`nbf` or `iat` in the future), `audience`,
-`issuer`, `other` (anything else PyJWT refuses). `exp` and `nbf` are honoured with
-`--auth-leeway` seconds of tolerance; a token valid now stays valid until `exp + leeway`.
+`malformed` (not a JWT, or header fields or claims of the wrong type), `signature` (bad
+signature, an algorithm or `kid` we do not accept), `expired`, `not_yet_valid` (`nbf` or `iat` in
+the future), `audience`, `issuer`, `other` (anything else PyJWT refuses). `exp` and `nbf` are
+honoured with `--auth-leeway` seconds of tolerance; a token valid now stays valid until
+`exp + leeway`.
 
 Verified tokens are remembered (a small LRU keyed by the token string): a reconnect storm of
 clients holding the same tokens costs one signature check per token, not per connection, and
