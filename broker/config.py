@@ -45,7 +45,9 @@ class Config:
     shutdown_timeout: float = _opt(10.0, "seconds SIGTERM waits for queues to drain")
     read_size: int = _opt(256 * 1024, "bytes asked of one recv()")
     topic_cache_size: int = _opt(4096, "exact topics whose subscriber lists are cached")
-    seq_topics: int = _opt(100_000, "topics whose seq counters are kept (LRU)")
+    seq_topics: int = _opt(
+        100_000, "topics whose positions (epoch, seq) are kept; the least recently used go"
+    )
     # -- tls --
     tls_cert: str = _opt("", "PEM certificate chain; with --tls-key the port speaks TLS only")
     tls_key: str = _opt("", "PEM private key of --tls-cert (SIGHUP reloads both)")
@@ -63,6 +65,12 @@ class Config:
         0.0, "WebSocket handshakes per second per address (token bucket; then 429); 0 = off"
     )
     handshake_burst: int = _opt(10, "handshakes an address may make at once above --handshake-rate")
+    # -- history and recovery (pubsub/history.py) --
+    history_size: int = _opt(100, "messages kept per topic for recovery; 0 = no history")
+    history_ttl: float = _opt(300.0, "seconds a message is kept for recovery; 0 = no limit")
+    history_memory: int = _opt(
+        64 << 20, "bytes of history for all topics; least recently published lose it first"
+    )
     # -- logging --
     log_level: str = _opt("info", "debug, info, warning, error")
     log_format: LogFormat = _opt("text", "text or json", choices=("text", "json"))
@@ -151,4 +159,8 @@ def validate(config: Config) -> list[str]:
         problems.append("perimeter limits cannot be negative")
     if config.handshake_rate > 0 and config.handshake_burst < 1:
         problems.append("handshake_burst must be at least 1 when handshake_rate is set")
+    if config.history_size < 0 or config.history_ttl < 0:
+        problems.append("history_size and history_ttl cannot be negative")
+    if config.history_memory < 1 or config.seq_topics < 1:
+        problems.append("history_memory and seq_topics must be positive")
     return problems

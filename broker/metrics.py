@@ -41,6 +41,8 @@ DROP_REASONS = ("slow_consumer", "unencodable", "rate_limited")
 # Why a TLS handshake failed (broker/net/tls.py `failure_reason` picks one).
 TLS_FAILURE_REASONS = ("plain_http", "protocol", "peer_alert", "timeout", "eof", "other")
 REFUSE_REASONS = ("origin", "per_ip", "rate")  # broker.auth.perimeter.REASONS
+# Why messages left the history (pubsub/history.py says when each applies).
+HISTORY_EVICTION_REASONS = ("size", "ttl", "memory", "forgotten")
 EVENT_KINDS = (
     ("in", select.EPOLLIN | select.EPOLLPRI),
     ("out", select.EPOLLOUT),
@@ -77,6 +79,8 @@ class Stats:
         self.auth_failures = dict.fromkeys(AUTH_FAILURE_REASONS, 0)
         self.forbidden = dict.fromkeys(FORBIDDEN_OPS, 0)
         self.handshakes_refused = dict.fromkeys(REFUSE_REASONS, 0)
+        self.replayed = 0
+        self.history_evictions = dict.fromkeys(HISTORY_EVICTION_REASONS, 0)
 
     def record_wait(self, n: int) -> None:
         self.epoll_waits += 1
@@ -142,6 +146,17 @@ class BrokerCollector(Collector):
         for drop_reason, count in s.dropped.items():
             dropped.add_metric([drop_reason], count)
         yield dropped
+        yield _counter(
+            "broker_messages_replayed", "Messages queued from history by recovery", s.replayed
+        )
+        evictions = CounterMetricFamily(
+            "broker_history_evictions",
+            "Messages removed from history, by reason",
+            labels=["reason"],
+        )
+        for eviction_reason, count in s.history_evictions.items():
+            evictions.add_metric([eviction_reason], count)
+        yield evictions
         yield _counter("broker_bytes_received", "Bytes read from sockets", s.bytes_received)
         yield _counter("broker_bytes_sent", "Bytes written to sockets", s.bytes_sent)
         yield _counter(
@@ -205,6 +220,9 @@ _GAUGE_HELP = {
     "broker_topics": "Distinct subscribed patterns",
     "broker_outbound_queued_bytes": "Bytes queued to clients, not yet accepted by the kernel",
     "broker_uptime_seconds": "Seconds since the broker started",
+    "broker_history_topics": "Topics holding history",
+    "broker_history_messages": "Messages held in history",
+    "broker_history_bytes": "Bytes of history, as counted against --history-memory",
 }
 
 

@@ -274,6 +274,7 @@ class Server:
                         conn.abort(conn.reason or Closed.CLIENT_GONE)
             except Exception as exc:
                 self.internal_error(conn, exc)
+        self.router.streams.expire(now)
         self._tick_stats(now)
         self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
@@ -293,7 +294,11 @@ class Server:
     # -- introspection -------------------------------------------------------------------------
 
     def gauges(self) -> dict[str, float]:
+        streams = self.router.streams
         return {
+            "broker_history_topics": streams.topics,
+            "broker_history_messages": streams.messages,
+            "broker_history_bytes": streams.held_bytes,
             "broker_connections": self.connections,
             "broker_subscriptions": self.router.sublist.subscriptions,
             "broker_topics": self.router.sublist.patterns,

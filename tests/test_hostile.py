@@ -138,7 +138,7 @@ def test_unechoable_values_get_bad_request_and_nothing_is_delivered(
     json_sub, mp_sub = raw_ws(quiet_broker), raw_ws(quiet_broker, subprotocol=MSGPACK)
     for sub, dec in ((json_sub, strict_json), (mp_sub, msgpack.unpackb)):
         sub.send_json({"op": "subscribe", "topic": "t", "id": 1})
-        assert dec(sub.recv_frame()[1]) == {"op": "ack", "id": 1}
+        assert dec(sub.recv_frame()[1]).items() >= {"op": "ack", "id": 1}.items()
     c = raw_ws(quiet_broker, subprotocol=subprotocol)
     c.send_frame(OP_TEXT, request_text.encode())
     decode = strict_json if subprotocol == JSON else msgpack.unpackb

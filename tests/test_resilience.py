@@ -32,7 +32,7 @@ def slow_subscriber(raw_ws: Ws, broker: BrokerProcess, topic: str) -> RawWs:
     """A subscriber with a tiny receive window that never reads after its ack."""
     c = raw_ws(broker, rcvbuf=4096)
     c.send_json({"op": "subscribe", "topic": topic, "id": 1})
-    assert c.recv_json() == {"op": "ack", "id": 1}
+    assert c.recv_json().items() >= {"op": "ack", "id": 1}.items()
     return c
 
 
@@ -182,7 +182,7 @@ def test_five_thousand_concurrent_connections(broker: BrokerProcess) -> None:
         for i, s in enumerate(socks):
             c = RawWs.adopt(s)
             c._read_until(b"\r\n\r\n")
-            assert c.recv_json() == {"op": "ack", "id": i}
+            assert c.recv_json().items() >= {"op": "ack", "id": i}.items()
             socks[i] = c  # type: ignore[call-overload]
         assert broker.metric("broker_connections") == n + 1  # and the scrape
         assert broker.metric("broker_subscriptions") == n

@@ -261,21 +261,17 @@ class Connection(Session):
         self.server.router.reply(self, frame)
 
     def flush(self) -> None:
-        """Write what `out` holds with one send; arm EPOLLOUT for the rest."""
+        """Write what `out` holds with one send; arm EPOLLOUT for the rest. A paced replay
+        (`backlog`) goes first, one chunk per call, and `out` waits until it is written."""
+        if self.backlog is not None and not self._flush_backlog():
+            return
         out = self.out
         if not out or self.state == CLOSED:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
-        try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.abort(Closed.CLIENT_GONE)
+        sent = self._send(data)
+        if sent < 0:
             return
-        stats = self.server.stats
-        stats.sends += 1
-        stats.bytes_sent += sent
         if sent == len(data):
             out.clear()
             self.queued = 0
@@ -294,13 +290,58 @@ class Connection(Session):
                 self.slow = False
         self.update_interest()
 
+    def _send(self, data: bytes | memoryview) -> int:
+        """One `send`; the bytes taken, or -1 after closing a connection whose socket failed."""
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.abort(Closed.CLIENT_GONE)
+            return -1
+        stats = self.server.stats
+        stats.sends += 1
+        stats.bytes_sent += sent
+        return sent
+
+    def _backlog_chunk(self) -> bytes | memoryview:
+        """The next frames of the backlog, about a high-water mark's worth (at least 64 KiB)."""
+        return self.next_chunk(max(self.server.config.outbound_high_water, 1 << 16))
+
+    def _flush_backlog(self) -> bool:
+        """Write the next chunk of the backlog; True once it is all written (`out` may go)."""
+        if self.state == CLOSED:
+            return False
+        data = self._backlog_chunk()
+        sent = self._send(data)
+        if sent < 0:
+            return False
+        backlog = self.backlog
+        assert backlog is not None
+        if sent < len(data):
+            backlog.appendleft(memoryview(data)[sent:])
+        elif not backlog:
+            self.backlog = None
+            if self.out:
+                return True
+            if self.state == DRAINING:
+                self._linger()
+                return False
+        self.update_interest()
+        return False
+
     def update_interest(self) -> None:
-        """Ask epoll for what this state needs; `modify` only when it changed."""
+        """Ask epoll for what this state needs; `modify` only when it changed. Reading waits
+        while a backlog is pending: the client's next requests wait until it has its replay."""
         state = self.state
         want = EPOLLRDHUP
-        if state != DRAINING and self.queued <= self.server.config.outbound_high_water:
+        if (
+            state != DRAINING
+            and self.queued <= self.server.config.outbound_high_water
+            and self.backlog is None
+        ):
             want |= EPOLLIN
-        if self.queued:  # `out`, or ciphertext a TlsConnection holds
+        if self.queued or self.backlog:  # `out`, ciphertext a TlsConnection holds, a replay
             want |= EPOLLOUT
         if want != self.mask:
             if want & EPOLLOUT and not self.mask & EPOLLOUT:
@@ -336,11 +377,20 @@ class Connection(Session):
         self.partial = None
         self.state = DRAINING
         self.deadline = self.server.loop.now + self.server.config.close_timeout
-        if not self.queued:
+        if not self.queued and not self.backlog:
             self._linger()
         # else: the pending flush (end of iteration, or EPOLLOUT if already armed) sends the rest,
         # and its update_interest stops reading. Arming EPOLLOUT here, before trying to send,
         # would cost an epoll_ctl and a wake-up for nothing.
+
+    def _merge_backlog(self) -> None:
+        """Put a pending replay back in front of `out` (a transport that must have everything
+        queued at once, e.g. TLS before its close_notify); order is kept, pacing is not."""
+        backlog = self.backlog
+        if backlog:
+            self.out[:0] = backlog
+            self.queued += sum(map(len, backlog))
+        self.backlog = None
 
     def _linger(self) -> None:
         try:
@@ -362,6 +412,7 @@ class Connection(Session):
         self.sock.close()
         self.server.router.drop(self)
         self.out = []
+        self.backlog = None
         self.queued = 0
         self.ws = None
         self.http = None

@@ -225,7 +225,10 @@ class TlsConnection(Connection):
     # -- output --------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Encrypt `out` into the outgoing BIO, then one send of the ciphertext owed."""
+        """Encrypt `out` into the outgoing BIO, then one send of the ciphertext owed. A paced
+        replay (`backlog`) goes first, as in the plain `Connection.flush`."""
+        if self.backlog is not None and not self._flush_backlog():
+            return
         if self.state == CLOSED:
             return
         out = self.out
@@ -276,10 +279,41 @@ class TlsConnection(Connection):
                 self.slow = False
         self.update_interest()
 
+    def _flush_backlog(self) -> bool:
+        """Encrypt the backlog's next chunk once the ciphertext owed is sent, and send; True
+        once the backlog is all sent (then `out` may go)."""
+        if self.state == CLOSED:
+            return False
+        if not self.cipher and not self.outgoing.pending:
+            try:
+                self.tls.write(self._backlog_chunk())
+            except ssl.SSLError as exc:  # no renegotiation, so no WantRead after the handshake
+                self._tls_error(exc)
+                return False
+        pending = self.cipher
+        if self.outgoing.pending:
+            fresh = self.outgoing.read()
+            pending = b"".join((pending, fresh)) if pending else fresh
+        sent = self._send(pending)
+        if sent < 0:
+            return False
+        self.cipher = memoryview(pending)[sent:] if sent < len(pending) else b""
+        self.queued = sum(map(len, self.out))  # the replay in `cipher` is not lag
+        if not self.cipher and not self.backlog:
+            self.backlog = None
+            if self.out:
+                return True
+            if self.state == DRAINING:
+                self._linger()
+                return False
+        self.update_interest()
+        return False
+
     # -- closing -------------------------------------------------------------------------------
 
     def _drain(self) -> None:
         """Encrypt what `out` holds and append our close_notify, then drain as plain does."""
+        self._merge_backlog()  # a pending replay goes before our close_notify
         if self.tls_ready and self.state < DRAINING:
             out = self.out
             try:

@@ -9,6 +9,9 @@ the same headers and no body):
     GET  /stats             JSON for the live page (connections, rates, busiest topics)
     POST /publish/{topic}   body = data (application/json, application/msgpack,
                             application/octet-stream) -> 202 {"delivered": n}
+    GET  /history/{topic}?epoch=E&since=N&limit=L
+                            the `history` op's answer as JSON (docs/protocol.md); with auth
+                            on, a Bearer token whose `subscribe` claim covers the topic
     GET  /  and /client.js  the live page and the browser client, from package data
 
 With auth on (docs/security.md), `/publish` needs `Authorization: Bearer <token>` whose `publish`
@@ -25,15 +28,16 @@ import json
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, NamedTuple
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 from broker.auth.permissions import Grant
 from broker.auth.tokens import AuthError, bearer_token, query_token
-from broker.errors import HandshakeError, RequestError
+from broker.errors import ErrorCode, HandshakeError, RequestError
 from broker.pubsub.router import Router
-from broker.wire import codec
+from broker.wire import codec, messages
+from broker.wire.codec import Encoding
 from broker.wire.handshake import HttpRequest
-from broker.wire.messages import check_topic
+from broker.wire.messages import Since, check_topic
 
 
 class Response(NamedTuple):
@@ -120,6 +124,8 @@ class HttpApi:
         # HEAD is GET without the body (RFC 9110 section 9.3.2); the exchange leaves the body out.
         if method not in (b"GET", b"HEAD"):
             return Response(405, b"method not allowed\n", headers=((b"allow", b"GET, HEAD"),))
+        if path.startswith("/history/"):
+            return self._history(path[len("/history/") :], req, self.authenticate(req))
         if path == "/healthz":
             return Response(200, b"ok")
         if path == "/metrics":
@@ -150,6 +156,33 @@ class HttpApi:
                 return None
         return self._static[name]
 
+    def _history(self, raw_topic: str, req: HttpRequest, grant: Grant | None) -> Response:
+        try:
+            topic = unquote(raw_topic, errors="strict")
+            query = _query(req.target)
+            since = None
+            if "epoch" in query or "since" in query:
+                if "epoch" not in query or "since" not in query:
+                    return _error(400, "epoch and since go together")
+                since = Since(messages.check_epoch(query["epoch"]), _int(query["since"], "since"))
+            raw_limit = query.get("limit")
+            limit = messages.check_limit(None if raw_limit is None else _int(raw_limit, "limit"))
+            req_topic = messages.check_history_topic(topic)
+        except UnicodeDecodeError:
+            return _error(400, "not valid UTF-8")
+        except RequestError as exc:
+            return _error(400, exc.message)
+        if grant is not None and not grant.may_subscribe(req_topic):
+            self.router.stats.forbidden["history"] += 1
+            return _forbidden("the token does not allow reading this topic")
+        body = self.router.history_body(req_topic, since, limit, Encoding.JSON)
+        try:
+            payload = codec.encode_payload(body, Encoding.JSON)
+        except codec.EncodeError:  # a map with binary keys: no JSON form
+            body["messages"] = [m for m in body["messages"] if _encodable(m)]
+            payload = codec.encode_payload(body, Encoding.JSON)
+        return Response(200, payload, JSON_TYPE, _NO_CACHE)
+
     def _publish(self, raw_topic: str, req: HttpRequest, grant: Grant | None) -> Response:
         try:
             topic = check_topic(unquote(raw_topic, errors="strict"), pattern=False)
@@ -171,4 +204,40 @@ class HttpApi:
                 return _error(400, f"invalid body: {exc}")
         else:
             return _error(415, "content-type must be application/json, msgpack or octet-stream")
-        return _json(202, {"delivered": self.router.publish(topic, data)})
+        return _json(202, {"delivered": self.router.publish(topic, data, len(req.body))})
+
+
+def _query(target: bytes) -> dict[str, str]:
+    """The query string's parameters; a repeated one, or a malformed query, is refused."""
+    _, _, raw = target.partition(b"?")
+    try:
+        pairs = parse_qsl(
+            raw.decode("ascii"),
+            keep_blank_values=True,
+            strict_parsing=bool(raw),
+            errors="strict",
+            max_num_fields=16,
+        )
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise RequestError(ErrorCode.BAD_REQUEST, f"bad query string: {exc}") from None
+    query: dict[str, str] = {}
+    for key, value in pairs:
+        if key in query:
+            raise RequestError(ErrorCode.BAD_REQUEST, f"{key} given twice")
+        query[key] = value
+    return query
+
+
+def _int(text: str, name: str) -> int:
+    # Decimal digits only: int() would also take "+5", " 5", "5_000" and other spellings.
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        raise RequestError(ErrorCode.BAD_REQUEST, f"{name} must be a non-negative integer")
+    return messages.check_seq(int(text))
+
+
+def _encodable(message: dict[str, Any]) -> bool:
+    try:
+        codec.encode_payload(message, Encoding.JSON)
+    except codec.EncodeError:
+        return False
+    return True

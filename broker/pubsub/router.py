@@ -13,16 +13,24 @@ session's memory is bounded by the mark plus one frame, and it never slows anyon
 
 Permissions (broker/auth): a session's `grant` is None when auth is off, and then a publish pays
 one `is None` test for it. Otherwise a publish outside the token's `publish` claim, or a subscribe
-its `subscribe` claim does not cover (permissions.covers), is refused with `forbidden` before it
+its `subscribe` claim does not cover (permissions.covers), or a `history` request (op or
+HTTP) for a topic the `subscribe` claim does not cover, is refused with `forbidden` before it
 has any effect. `auth` replaces the grant and removes the subscriptions the new one does not cover.
 
-`seq` is one counter per concrete topic, kept for the most recently published `seq_topics` topics
-(an LRU): a topic unseen for that long restarts at 1, which clients treat as a restart, not a gap.
+Positions and history (`pubsub/history.py`, behind the `Streams` seam): a publish is numbered
+by `streams.append` and the frames fan-out made are kept with it (`keep`), so a replay re-encodes
+nothing. A subscribe to a concrete topic is acked with the topic's (epoch, seq); with `since`, the
+ack says whether the messages after it are all retained and, if so, they are queued right behind
+the ack, in the same call that adds the subscription, so no publish can fall between replay and
+live delivery: no gap, no duplicate. A replay that would take the buffer past the high-water mark
+is not counted as lag: it goes to `session.backlog` (with what `out` held before it), which the
+connection writes first, a chunk per flush as the socket drains, while live frames wait in `out`
+(still counted, so a client that cannot keep up with the live rate is still a slow consumer).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable
 from operator import attrgetter
 from typing import Any
@@ -31,11 +39,21 @@ from broker.auth.tokens import AuthError, TokenVerifier
 from broker.config import Config
 from broker.errors import ErrorCode, RequestError
 from broker.metrics import Stats
+from broker.pubsub.history import Entry, LocalStreams, Streams
 from broker.pubsub.session import Session
 from broker.pubsub.topics import Sublist
 from broker.wire import codec, messages
 from broker.wire.codec import Encoding
-from broker.wire.messages import AUTH, PING, PUBLISH, SUBSCRIBE
+from broker.wire.messages import (
+    AUTH,
+    HISTORY,
+    PING,
+    PUBLISH,
+    SUBSCRIBE,
+    Request,
+    Since,
+    is_pattern,
+)
 
 
 def _nothing(session: Session) -> None:
@@ -52,7 +70,13 @@ class Router:
         self.sublist: Sublist[Session] = Sublist(
             attrgetter("encoding"), groups=len(Encoding), cache_size=config.topic_cache_size
         )
-        self.seqs: OrderedDict[str, int] = OrderedDict()
+        self.streams: Streams = LocalStreams(
+            config.history_size,
+            config.history_ttl,
+            config.history_memory,
+            config.seq_topics,
+            stats.history_evictions,
+        )
         self.dirty: list[Session] = []  # buffers that became non-empty this iteration
         self.over: list[Session] = []  # sessions that went over the high-water mark
         self.topic_counts: dict[str, int] = {}  # publishes per topic since the last stats tick
@@ -72,20 +96,24 @@ class Router:
                 if grant is not None and not grant.may_publish(req.topic):
                     self._forbid("publish", "publishing to this topic")
                 self._check_rate(session)
-                delivered = self.publish(req.topic, req.data)
+                delivered = self.publish(req.topic, req.data, len(payload))
                 if req.id is not None:
                     self.reply(session, messages.ack(req.id, session.encoding, delivered))
             elif op == SUBSCRIBE:
                 grant = session.grant
                 if grant is not None and not grant.may_subscribe(req.topic):
                     self._forbid("subscribe", "subscribing to this pattern")
-                self.subscribe(session, req.topic)
-                self.reply(session, messages.ack(req.id, session.encoding))
+                self._subscribe(session, req)
             elif op == PING:
                 self.reply(session, messages.pong(req.id, session.encoding))
             elif op == AUTH:
                 revoked = self.reauthenticate(session, req.data)
                 self.reply(session, messages.auth_ack(req.id, session.encoding, revoked))
+            elif op == HISTORY:
+                grant = session.grant
+                if grant is not None and not grant.may_subscribe(req.topic):
+                    self._forbid("history", "reading this topic")
+                self.reply(session, self.history(req.topic, req.since, req.limit, session, req.id))
             else:
                 self.unsubscribe(session, req.topic)
                 self.reply(session, messages.ack(req.id, session.encoding))
@@ -140,12 +168,67 @@ class Router:
 
     # -- subscriptions -------------------------------------------------------------------------
 
-    def subscribe(self, session: Session, pattern: str) -> None:
+    def _subscribe(self, session: Session, req: Request) -> None:
+        topic = req.topic
+        added = self.subscribe(session, topic)
+        encoding = session.encoding
+        if is_pattern(topic):
+            self.reply(session, messages.ack(req.id, encoding))
+            return
+        since = req.since
+        if since is None:
+            epoch, seq = self.streams.position(topic)
+            self.reply(session, messages.position_ack(req.id, encoding, epoch, seq))
+            return
+        window = self.streams.since(topic, since.epoch, since.seq, None, self.now)
+        # A subscription the connection already held gets nothing replayed: it has been live.
+        recovered = window.recovered and added
+        self.reply(
+            session,
+            messages.position_ack(req.id, encoding, window.epoch, window.seq, recovered),
+        )
+        if recovered and window.entries:
+            self._replay(session, topic, window.entries)
+
+    def _replay(self, session: Session, topic: str, entries: list[Entry]) -> None:
+        """Queue `entries` right behind what `session` already has: in `out` when they fit under
+        the high-water mark, else in the backlog, written first as the socket drains."""
+        frames: list[bytes | memoryview] = []
+        size = 0
+        make = self.streams.frame
+        encoding = session.encoding
+        for entry in entries:
+            frame = make(entry, topic, encoding)
+            if frame is None:
+                self.stats.dropped["unencodable"] += 1
+                continue
+            frames.append(frame)
+            size += len(frame)
+        if not frames:
+            return
+        self.stats.replayed += len(frames)
+        backlog = session.backlog
+        if backlog is None and session.queued + size <= self.config.outbound_high_water:
+            if not session.queued:
+                self.dirty.append(session)
+            session.out.extend(frames)
+            session.queued += size
+            return
+        if backlog is None:
+            backlog = session.backlog = deque()
+        backlog.extend(session.out)
+        backlog.extend(frames)
+        session.out = []
+        session.queued = 0
+        self.dirty.append(session)
+
+    def subscribe(self, session: Session, pattern: str) -> bool:
+        """Add a subscription; False if the session already held it."""
         patterns = session.patterns
         if patterns is None:
             patterns = session.patterns = set()
         elif pattern in patterns:
-            return
+            return False
         if len(patterns) >= self.config.max_subscriptions:
             raise RequestError(
                 ErrorCode.TOO_LARGE,
@@ -153,6 +236,7 @@ class Router:
             )
         patterns.add(pattern)
         self.sublist.insert(pattern, session)
+        return True
 
     def unsubscribe(self, session: Session, pattern: str) -> None:
         if not session.patterns or pattern not in session.patterns:
@@ -169,26 +253,54 @@ class Router:
 
     # -- publish -------------------------------------------------------------------------------
 
-    def next_seq(self, topic: str) -> int:
-        seqs = self.seqs
-        seq = seqs.get(topic)
-        if seq is None:
-            seq = 1
-            if len(seqs) >= self.config.seq_topics:
-                seqs.popitem(last=False)
-        else:
-            seq += 1
-            seqs.move_to_end(topic)
-        seqs[topic] = seq
-        return seq
+    def history(
+        self, topic: str, since: Since | None, limit: int, session: Session | None, req_id: object
+    ) -> bytes:
+        """The `history` op's ack (HTTP: `history_body`)."""
+        encoding = Encoding.JSON if session is None else session.encoding
+        body = self.history_body(topic, since, limit, encoding)
+        try:
+            return messages.history_ack(req_id, encoding, body)
+        except codec.EncodeError:
+            # Some data has no form in this encoding: leave those messages out, as live does.
+            kept = []
+            for m in body["messages"]:
+                try:
+                    codec.encode_payload(m, encoding)
+                except codec.EncodeError:
+                    self.stats.dropped["unencodable"] += 1
+                else:
+                    kept.append(m)
+            body["messages"] = kept
+            return messages.history_ack(req_id, encoding, body)
 
-    def publish(self, topic: str, data: Any) -> int:
-        """Queue `data` to every subscriber of concrete `topic`; returns how many got it."""
+    def history_body(
+        self, topic: str, since: Since | None, limit: int, encoding: Encoding
+    ) -> dict[str, Any]:
+        """Position, `recovered` and at most `limit` messages; the reply is also cut after
+        --max-message-size bytes of messages (at least one message), so that any client can
+        read it; the caller asks again from the last seq it got."""
+        epoch, seq = (None, 0) if since is None else since
+        window = self.streams.since(topic, epoch, seq, limit, self.now)
+        budget = self.config.max_message_size
+        found = []
+        for entry in window.entries:
+            found.append((entry.seq, entry.data))
+            budget -= entry.size
+            if budget <= 0:
+                break
+        return messages.history_body(window.epoch, window.seq, window.recovered, found, encoding)
+
+    def publish(self, topic: str, data: Any, size: int = 0) -> int:
+        """Queue `data` to every subscriber of concrete `topic`; returns how many got it.
+        `size` is the size of the request that carried it (history memory accounting)."""
         stats = self.stats
         stats.published += 1
         counts = self.topic_counts
         counts[topic] = counts.get(topic, 0) + 1
-        seq = self.next_seq(topic)
+        streams = self.streams
+        entry = streams.append(topic, data, size, self.now)
+        seq = entry.seq
         delivered = 0
         for encoding, subs in enumerate(self.sublist.match(topic)):
             if not subs:
@@ -198,6 +310,7 @@ class Router:
             except codec.EncodeError:
                 stats.dropped["unencodable"] += len(subs)
                 continue
+            streams.keep(entry, encoding, frame)
             delivered += self._fan_out(subs, frame)
         stats.delivered += delivered
         return delivered

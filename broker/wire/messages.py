@@ -6,6 +6,11 @@ reply can name the request it answers. Every refusal is `bad_request` except whe
 names another code. Validation is strict about what the broker reads (op, topic, id) and ignores
 fields it does not know, so that later protocol versions can add fields compatibly.
 
+Positions (section "History and recovery"): `since` is `{"epoch": str, "seq": int}` and `limit`
+a non-negative integer; both are checked for type and range here, since they come from the
+network like everything else. `since` and `history` need a concrete topic: positions are kept
+per concrete topic, and a pattern matches topics whose seqs have nothing to do with each other.
+
 Topic syntax (section "Topics"): 1..255 bytes of UTF-8, `.`-separated non-empty tokens, no
 whitespace or control characters; `*` (one token) and `>` (one or more trailing tokens) are whole
 tokens and only allowed where a pattern is: subscribe and unsubscribe, never publish.
@@ -30,7 +35,16 @@ UNSUBSCRIBE = "unsubscribe"
 PUBLISH = "publish"
 PING = "ping"
 AUTH = "auth"
-OPS = frozenset((SUBSCRIBE, UNSUBSCRIBE, PUBLISH, PING, AUTH))
+HISTORY = "history"
+OPS = frozenset((SUBSCRIBE, UNSUBSCRIBE, PUBLISH, PING, AUTH, HISTORY))
+MAX_EPOCH_CHARS = 64
+MAX_SEQ = (1 << 63) - 1
+MAX_HISTORY_LIMIT = 1000  # messages in one history reply; a larger `limit` is capped
+
+
+class Since(NamedTuple):
+    epoch: str
+    seq: int
 
 
 class Request(NamedTuple):
@@ -38,6 +52,8 @@ class Request(NamedTuple):
     topic: str
     data: Any
     id: int | float | str | None
+    since: Since | None = None
+    limit: int = MAX_HISTORY_LIMIT
 
 
 def check_topic(topic: object, pattern: bool) -> str:
@@ -71,6 +87,46 @@ def is_pattern(topic: str) -> bool:
     return "*" in topic or ">" in topic
 
 
+def check_seq(seq: object) -> int:
+    # bool is an int subclass and JSON 5.0 is a float: neither is a seq.
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise RequestError(ErrorCode.BAD_REQUEST, "seq must be an integer 0..2**63-1")
+    return seq
+
+
+def check_epoch(epoch: object) -> str:
+    if type(epoch) is not str or not 0 < len(epoch) <= MAX_EPOCH_CHARS:
+        raise RequestError(ErrorCode.BAD_REQUEST, f"epoch must be a string of 1..{MAX_EPOCH_CHARS}")
+    return epoch
+
+
+def check_since(since: object) -> Since:
+    if not isinstance(since, dict):
+        raise RequestError(ErrorCode.BAD_REQUEST, 'since must be {"epoch": E, "seq": N}')
+    return Since(check_epoch(since.get("epoch")), check_seq(since.get("seq")))
+
+
+def check_limit(limit: object) -> int:
+    if limit is None:
+        return MAX_HISTORY_LIMIT
+    if type(limit) is not int or limit < 0:
+        raise RequestError(ErrorCode.BAD_REQUEST, "limit must be a non-negative integer")
+    return min(limit, MAX_HISTORY_LIMIT)
+
+
+def check_history_topic(topic: object) -> str:
+    return _concrete(topic, "history")
+
+
+def _concrete(topic: object, what: str) -> str:
+    checked = check_topic(topic, True)
+    if is_pattern(checked):
+        raise RequestError(
+            ErrorCode.BAD_REQUEST, f"{what} needs a concrete topic: positions are per topic"
+        )
+    return checked
+
+
 def parse_request(payload: str | bytes, binary: bool) -> Request:
     """Decode and validate one client message."""
     try:
@@ -89,8 +145,25 @@ def parse_request(payload: str | bytes, binary: bool) -> Request:
             if "data" not in msg:
                 raise RequestError(ErrorCode.BAD_REQUEST, "publish needs data")
             return Request(PUBLISH, check_topic(msg.get("topic"), False), msg["data"], req_id)
-        if op in (SUBSCRIBE, UNSUBSCRIBE):
+        if op == SUBSCRIBE:
+            since = msg.get("since")
+            if since is None:
+                return Request(op, check_topic(msg.get("topic"), True), None, req_id)
+            topic = _concrete(msg.get("topic"), "since")
+            return Request(op, topic, None, req_id, check_since(since))
+        if op == UNSUBSCRIBE:
             return Request(op, check_topic(msg.get("topic"), True), None, req_id)
+        if op == HISTORY:
+            topic = _concrete(msg.get("topic"), "history")
+            since = msg.get("since")
+            return Request(
+                op,
+                topic,
+                None,
+                req_id,
+                None if since is None else check_since(since),
+                check_limit(msg.get("limit")),
+            )
         if op == PING:
             return Request(PING, "", None, req_id)
         if op == AUTH:
@@ -134,6 +207,40 @@ def auth_ack(req_id: object, encoding: Encoding, revoked: list[str]) -> bytes:
     """The answer to `auth`: the subscriptions the new token no longer allows were removed."""
     reply = _with_id({"op": "ack"}, req_id)
     reply["revoked"] = revoked
+    return codec.encode(reply, encoding)
+
+
+def position_ack(
+    req_id: object, encoding: Encoding, epoch: str, seq: int, recovered: bool | None = None
+) -> bytes:
+    """The ack of a subscribe to a concrete topic: where the topic stands (and, with `since`,
+    whether the messages after it follow)."""
+    reply = _with_id({"op": "ack"}, req_id)
+    reply["epoch"] = epoch
+    reply["seq"] = seq
+    if recovered is not None:
+        reply["recovered"] = recovered
+    return codec.encode(reply, encoding)
+
+
+def history_body(
+    epoch: str, seq: int, recovered: bool, entries: list[tuple[int, Any]], encoding: Encoding
+) -> dict[str, Any]:
+    """The history answer (op ack, or the HTTP body) without op and id. Binary data on JSON is
+    base64 with "encoding":"base64" in that message, as in a delivery."""
+    found = []
+    for n, data in entries:
+        if encoding is Encoding.JSON and isinstance(data, bytes | bytearray):
+            b64 = base64.b64encode(data).decode("ascii")
+            found.append({"seq": n, "data": b64, "encoding": "base64"})
+        else:
+            found.append({"seq": n, "data": data})
+    return {"epoch": epoch, "seq": seq, "recovered": recovered, "messages": found}
+
+
+def history_ack(req_id: object, encoding: Encoding, body: dict[str, Any]) -> bytes:
+    reply = _with_id({"op": "ack"}, req_id)
+    reply.update(body)
     return codec.encode(reply, encoding)
 
 

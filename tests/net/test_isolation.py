@@ -60,7 +60,7 @@ def test_exception_closes_only_that_connection(
     victim, bystander = RawWs(port), RawWs(port)
     try:
         bystander.send_json({"op": "subscribe", "topic": "t", "id": 1})
-        assert bystander.recv_json() == {"op": "ack", "id": 1}
+        assert bystander.recv_json().items() >= {"op": "ack", "id": 1}.items()
         victim.send_json({"op": "publish", "topic": "boom", "data": 1})
         assert victim.expect_close() == (1011, "internal error")
         assert victim.at_eof()

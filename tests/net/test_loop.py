@@ -19,7 +19,7 @@ def test_idle_connections_do_not_wake_the_loop(broker: BrokerProcess, raw_ws: Ws
     clients = [raw_ws(broker) for _ in range(50)]
     for i, c in enumerate(clients):
         c.send_json({"op": "subscribe", "topic": f"idle.{i}", "id": i})
-        assert c.recv_json() == {"op": "ack", "id": i}
+        assert c.recv_json().items() >= {"op": "ack", "id": i}.items()
     before = broker.metric("broker_epoll_wait_total")
     time.sleep(3)
     woken = broker.metric("broker_epoll_wait_total") - before
@@ -32,7 +32,7 @@ def test_idle_connections_do_not_wake_the_loop(broker: BrokerProcess, raw_ws: Ws
 def test_frames_of_one_iteration_leave_in_one_send(broker: BrokerProcess, raw_ws: Ws) -> None:
     sub, pub = raw_ws(broker), raw_ws(broker)
     sub.send_json({"op": "subscribe", "topic": "c", "id": 1})
-    assert sub.recv_json() == {"op": "ack", "id": 1}
+    assert sub.recv_json().items() >= {"op": "ack", "id": 1}.items()
     sends_before = broker.metric("broker_socket_sends_total")
     burst = b"".join(
         encode_frame(OP_TEXT, json.dumps({"op": "publish", "topic": "c", "data": i}).encode())
@@ -50,7 +50,7 @@ def test_backpressure_arms_epollout(
     broker = broker_factory("--outbound-high-water", str(64 << 20))
     c = raw_ws(broker, rcvbuf=4096)
     c.send_json({"op": "subscribe", "topic": "b", "id": 1})
-    assert c.recv_json() == {"op": "ack", "id": 1}
+    assert c.recv_json().items() >= {"op": "ack", "id": 1}.items()
     big = "x" * 100_000
     count = 120  # 12 MB into a 4 KB receive window: more than the kernel's buffers hold
     for _ in range(count):

@@ -107,7 +107,7 @@ def test_fragmented_messages_are_reassembled(
 ) -> None:
     c = ws(broker)
     c.send_json({"op": "subscribe", "topic": "f", "id": 1})
-    assert c.recv_json() == {"op": "ack", "id": 1}
+    assert c.recv_json().items() >= {"op": "ack", "id": 1}.items()
     msg = json.dumps({"op": "publish", "topic": "f", "data": "é" * 1000, "id": 2}).encode()
     parts = [msg[i : i + 333] for i in range(0, len(msg), 333)]  # cuts through characters
     c.send_frame(OP_TEXT, parts[0], fin=False)

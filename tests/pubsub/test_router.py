@@ -137,15 +137,6 @@ def test_rate_limit() -> None:
     assert frames(s) == [{"op": "ack", "id": 9, "delivered": 0}]
 
 
-def test_seq_counters_are_bounded() -> None:
-    r = make(seq_topics=3)
-    for topic in ("a", "b", "c", "a", "d"):
-        r.next_seq(topic)
-    assert list(r.seqs) == ["c", "a", "d"]  # "b" was the least recently published
-    assert r.next_seq("a") == 3
-    assert r.next_seq("b") == 1
-
-
 def test_unencodable_data_is_counted_not_raised() -> None:
     r = make()
     j, m = Session(Encoding.JSON), Session(Encoding.MSGPACK)
