@@ -1,6 +1,7 @@
 """Randomised authorisation against a real broker: many connections with random claims issue
-random subscribes, publishes and re-authentications; every ack, refusal, `delivered` count,
-`revoked` list and delivery is checked against the brute-force oracle of test_permissions.
+random subscribes, publishes, history reads and re-authentications; every ack, refusal,
+`delivered` count, `revoked` list and delivery is checked against the brute-force oracle of
+test_permissions.
 Zero escapes: no connection ever receives a topic its subscribe claims do not allow."""
 
 from __future__ import annotations
@@ -110,6 +111,15 @@ def test_random_claims_never_leak(
                 else:
                     assert reply.get("code") == "forbidden", (reply, pattern, peer.subscribe)
                     counts["subscribe refused"] += 1
+            for _ in range(REQUESTS // 2):  # history reads need the subscribe permission
+                topic = random_pattern(rng, concrete=True)
+                reply = peer.request({"op": "history", "topic": topic})
+                if brute_covers(peer.subscribe, topic):
+                    assert reply["op"] == "ack" and "messages" in reply, (reply, topic)
+                    counts["history ok"] += 1
+                else:
+                    assert reply.get("code") == "forbidden", (reply, topic, peer.subscribe)
+                    counts["history refused"] += 1
         expected_inbox: dict[int, list[tuple[str, Any]]] = {id(p): [] for p in peers}
         for peer in peers:
             for _ in range(REQUESTS):
@@ -134,6 +144,7 @@ def test_random_claims_never_leak(
             peer.inbox.clear()
     # The run exercised both outcomes of every check.
     keys = ("subscribe ok", "subscribe refused", "publish ok", "publish refused", "delivered")
+    keys += ("history ok", "history refused")
     for key in (*keys, "revoked"):
         assert counts[key] > 0, counts
     print(dict(counts))
