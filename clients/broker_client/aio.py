@@ -420,7 +420,7 @@ class AsyncClient(ClientBase):
                 await self.auth(self._token)
             except (ClientClosedError, ConnectionLostError):
                 continue  # a reconnect calls the callback anyway, or the client is closing
-            except (BrokerClientError, RequestTimeoutError) as exc:
+            except BrokerClientError as exc:
                 self._report(
                     exc
                     if isinstance(exc, UnauthorizedError)
