@@ -55,6 +55,9 @@ def test_valid_token_publishes_and_subscribes_within_its_claims(secured: BrokerP
         assert refused.value.code == "forbidden" and refused.value.status is None
         with pytest.raises(Forbidden):
             client.subscribe("a.>")  # wider than a.*
+        with pytest.raises(Forbidden):
+            client.history("z.b")
+        assert client.history("a.b").position.seq == 1
         assert client.subscriptions == ["a.b"]
         assert client.ping() > 0  # the connection stays
 
