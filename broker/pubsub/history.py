@@ -113,7 +113,7 @@ class Streams(Protocol):
         self, topic: str, epoch: str | None, seq: int, limit: int | None, now: float
     ) -> Window:
         """The messages of `topic` after (epoch, seq), at most `limit`; epoch None = the
-        oldest retained."""
+        oldest retained. A topic not known yet is not created (its epoch is not kept)."""
 
     def frame(self, entry: Entry, topic: str, encoding: Encoding) -> bytes | None:
         """The delivery frame of `entry` in `encoding` (made once), None if unencodable."""
@@ -228,7 +228,11 @@ class LocalStreams:
     def since(
         self, topic: str, epoch: str | None, seq: int, limit: int | None, now: float
     ) -> Window:
-        stream = self.streams.get(topic) or self._new(topic)
+        stream = self.streams.get(topic)
+        if stream is None:
+            # Not created by a read: a flood of reads of made-up topics must not push real
+            # positions out (--seq-topics). Nothing was published, so nothing is missing.
+            return Window(new_epoch(), 0, epoch is None, [])
         entries = stream.entries
         if self.ttl and entries and entries[0].at < now - self.ttl:
             self._trim(stream, now)

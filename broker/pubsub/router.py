@@ -180,6 +180,7 @@ class Router:
             epoch, seq = self.streams.position(topic)
             self.reply(session, messages.position_ack(req.id, encoding, epoch, seq))
             return
+        self.streams.position(topic)  # a subscribe creates the topic's stream (its epoch)
         window = self.streams.since(topic, since.epoch, since.seq, None, self.now)
         # A subscription the connection already held gets nothing replayed: it has been live.
         recovered = window.recovered and added

@@ -366,3 +366,14 @@ def test_history_limit_is_capped() -> None:
         r.publish("t", i)
     send(r, s, op="history", topic="t", id=1, limit=10**9)
     assert len(frames(s)[0]["messages"]) == 1000
+
+
+def test_reads_do_not_create_topics() -> None:
+    """A flood of history reads of made-up topics must not push real positions out."""
+    s = streams(topics=2)
+    epoch = s.position("a")[0]
+    for i in range(10):
+        w = s.since(f"x{i}", None, 0, 10, now=0.0)
+        assert (w.seq, w.recovered, w.entries) == (0, True, [])
+        assert not s.since(f"x{i}", "e", 0, 10, now=0.0).recovered
+    assert list(s.streams) == ["a"] and s.position("a") == (epoch, 0)
