@@ -61,7 +61,9 @@ def loopback_target(url: str) -> Endpoint:
         raise BenchError(f"target host must be a literal 127.x.y.z address, not {host!r}") from None
     if not (addr.version == 4 and addr in ipaddress.ip_network("127.0.0.0/8")):
         raise BenchError(f"refusing non-loopback target {host}: only 127.0.0.0/8 is allowed")
-    return Endpoint(str(addr), parts.port or 8765, parts.path or "/ws", parts.scheme == "wss")
+    # The query is kept: `/ws?token=...` loads a broker with authentication on (docs/security.md).
+    path = (parts.path or "/ws") + (f"?{parts.query}" if parts.query else "")
+    return Endpoint(str(addr), parts.port or 8765, path, parts.scheme == "wss")
 
 
 def free_port() -> int:
