@@ -4,7 +4,7 @@
     HandshakeError      a bad HTTP request or upgrade: answered with an HTTP status, then closed
     Closed (enum)       why a connection ended: the WebSocket close code sent and the metric label
 
-A frame-level violation (wsproto's ParseFailed) or a broken limit is terminal and becomes a Closed
+A frame-level violation (wire.inbound.Violation) or a broken limit is terminal and becomes a Closed
 reason with its RFC 6455 close code. A bug while serving one connection is Closed.INTERNAL_ERROR
 (1011): logged once, counted, and the loop goes on.
 """

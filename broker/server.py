@@ -30,8 +30,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from wsproto.events import Ping
-
 from broker import __version__, config
 from broker.auth.perimeter import OriginListError, Perimeter, PerimeterError, client_key
 from broker.auth.permissions import Grant
@@ -47,6 +45,7 @@ from broker.pubsub.http_api import HttpApi
 from broker.pubsub.router import Router
 from broker.pubsub.session import Session
 from broker.wire.handshake import HttpRequest
+from broker.wire.inbound import PING_FRAME
 
 log = logging.getLogger("broker")
 
@@ -263,8 +262,7 @@ class Server:
                             conn.close(Closed.PING_TIMEOUT, "no pong")
                         elif not conn.pinged:
                             conn.pinged = True
-                            assert conn.ws is not None
-                            conn.queue(conn.ws.send(Ping(b"")))
+                            conn.queue(PING_FRAME)
                 elif state != CLOSED and now > conn.deadline:
                     if state == HTTP:
                         http = conn.http

@@ -1,7 +1,12 @@
 """One client connection: socket I/O and the life cycle from HTTP request to closed socket.
 
-Data flows one way: `recv` -> HTTP exchange (wire.handshake) or WebSocket frames (wsproto) ->
-requests (router) -> outbound buffer (`out`) -> `flush` (one `send` per iteration).
+Data flows one way: `recv` -> HTTP exchange (wire.handshake) or WebSocket frames (wire.inbound,
+parsed straight out of the received bytes, a batch per `recv`) -> requests (router) -> outbound
+buffer (`out`) -> `flush` (one `send` per iteration).
+
+At rest an open connection holds no protocol object: the frame parser is a function, and what a
+connection keeps between reads is only `rx` (the bytes of an unfinished frame, usually b"") and
+`partial` (a fragmented message in progress, usually None).
 
 Life cycle (`state`):
 
@@ -24,13 +29,10 @@ import select
 import socket
 from typing import TYPE_CHECKING, Any
 
-from wsproto.connection import Connection as WsConnection
-from wsproto.connection import ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
-
 from broker.errors import Closed, HandshakeError
 from broker.pubsub.session import Session
 from broker.wire.handshake import HttpExchange, HttpRequest, check_upgrade
+from broker.wire.inbound import Message, PeerClose, close_frame, parse
 
 if TYPE_CHECKING:
     from broker.server import Server
@@ -43,7 +45,7 @@ EPOLLRDHUP = select.EPOLLRDHUP
 READ_EVENTS = EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR | EPOLLRDHUP
 READING = EPOLLIN | EPOLLRDHUP  # the mask of an open connection with nothing pending
 
-# wsproto reports a frame violation as a CloseConnection with the RFC code to send.
+# A frame violation (wire.inbound.Violation) carries the RFC close code to send.
 _VIOLATIONS = {1007: Closed.INVALID_UTF8, 1009: Closed.TOO_LARGE}
 NO_STATUS = 1005  # "no status code was present" (section 7.4.1): never sent on the wire
 _CLOSE = ((b"connection", b"close"),)
@@ -58,15 +60,15 @@ class Connection(Session):
         "last_rx",
         "mask",
         "partial",
-        "partial_size",
         "peer",
         "pinged",
         "reason",
+        "rx",
+        "rx_need",
         "server",
         "sock",
         "state",
         "token",
-        "ws",
     )
 
     def __init__(self, sock: socket.socket, server: Server, peer: str = "") -> None:
@@ -79,13 +81,13 @@ class Connection(Session):
         self.server = server
         self.state = HTTP
         self.http: HttpExchange | None = HttpExchange(server.config.max_http_body)
-        self.ws: WsConnection | None = None
         self.mask = READING
         self.last_rx = now
         self.pinged = False
         self.deadline = now + server.config.handshake_timeout
-        self.partial: list[Any] | None = None  # a fragmented message being reassembled
-        self.partial_size = 0
+        self.partial: Message | None = None  # a fragmented message being reassembled
+        self.rx: bytes | bytearray = b""  # the start of an unfinished frame
+        self.rx_need = 0  # bytes `rx` must reach before that frame can be complete (0: unknown)
         self.reason: Closed | None = None
         self.token = server.loop.register(self.fd, self, self.mask)
 
@@ -115,18 +117,14 @@ class Connection(Session):
 
     def _received(self, data: bytes) -> None:
         """Bytes from the peer (after TLS, if any); b"" is its EOF."""
-        server = self.server
         state = self.state
         if state in (OPEN, CLOSING):
             if not data:
                 self.abort(Closed.CLIENT_GONE)
                 return
-            self.last_rx = server.loop.now
+            self.last_rx = self.server.loop.now
             self.pinged = False
-            ws = self.ws
-            assert ws is not None
-            ws.receive_data(data)
-            self._ws_events(ws)
+            self._frames(data)
         elif state == HTTP:
             self._http_data(data)
         elif not data:  # DRAINING or LINGER: the peer is done too
@@ -134,64 +132,50 @@ class Connection(Session):
 
     # -- WebSocket -----------------------------------------------------------------------------
 
-    def _ws_events(self, ws: WsConnection) -> None:
-        router = self.server.router
-        for event in ws.events():
-            if isinstance(event, TextMessage | BytesMessage):
-                if self.state != OPEN:
-                    continue  # CLOSING: the peer's last messages are discarded (section 7.1.2)
-                payload = self._assemble(event.data, event.message_finished)
-                if payload is not None:
-                    router.handle(self, payload, isinstance(event, BytesMessage))
-            elif isinstance(event, Ping):
-                if ws.state is ConnectionState.OPEN:  # after our close frame, no more pongs
-                    self.queue(ws.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                self._on_close_frame(ws, event)
+    def _frames(self, data: bytes) -> None:
+        """Parse every complete frame in `rx` + `data` and run them in order, as one batch."""
+        rx = self.rx
+        if rx:
+            if len(rx) + len(data) < self.rx_need:
+                # A frame still short of its announced length: collect without parsing (a
+                # bytearray, so a message trickled in small reads is not copied again each time).
+                if type(rx) is bytes:
+                    rx = self.rx = bytearray(rx)
+                rx += data
+                return
+            data = rx + data if type(rx) is bytes else bytes(rx + data)
+            self.rx = b""
+        events: list[Any] = []
+        used, need, self.partial, end = parse(
+            data, self.partial, self.server.config.max_message_size, events
+        )
+        if end is None and used < len(data):
+            self.rx = data[used:]
+            self.rx_need = need
+        if events:
+            if self.state == OPEN:
+                self.server.router.handle_batch(self, events)
+            # else CLOSING: the peer's last messages are discarded, and no more pongs (7.1.2)
             if self.state >= DRAINING:
                 return
+        if end is not None:
+            if type(end) is PeerClose:
+                self._on_close_frame(end.code)
+            else:
+                self.partial = None
+                reason = _VIOLATIONS.get(end.code, Closed.PROTOCOL_ERROR)
+                if self.state == OPEN:
+                    self.close(reason, end.reason)
+                else:  # a violation while we wait for the peer's close: stop waiting
+                    self.reason = self.reason or reason
+                    self._drain()
 
-    def _assemble(self, data: str | bytes | bytearray, finished: bool) -> str | bytes | None:
-        """The whole message once its last part is in (wsproto checks the fragments' order and
-        UTF-8); None while parts are missing or after closing with 1009 for a message over the
-        limit. The limit counts bytes; text is measured in UTF-8 only when it could matter."""
-        parts = self.partial
-        if finished and parts is None:
-            whole = data if isinstance(data, str) else bytes(data)
-            size = len(data)
-            if size * 4 > self.server.config.max_message_size and isinstance(whole, str):
-                size = len(whole.encode())
-        else:
-            if parts is None:
-                parts = self.partial = []
-            parts.append(data if isinstance(data, str) else bytes(data))
-            size = self.partial_size = self.partial_size + len(data)
-            if size * 4 > self.server.config.max_message_size and isinstance(data, str):
-                size = sum(len(p.encode()) if isinstance(p, str) else len(p) for p in parts)
-        limit = self.server.config.max_message_size
-        if size > limit:
-            self.close(Closed.TOO_LARGE, f"message over {limit} bytes")
-            return None
-        if not finished:
-            return None
-        if parts is None:
-            return whole
-        self.partial = None
-        self.partial_size = 0
-        return "".join(parts) if isinstance(data, str) else b"".join(parts)
-
-    def _on_close_frame(self, ws: WsConnection, event: CloseConnection) -> None:
-        if ws.state is ConnectionState.REMOTE_CLOSING:
+    def _on_close_frame(self, code: int) -> None:
+        if self.state == OPEN:
             # The peer started the close: echo its code (section 5.5.1), 1000 if it sent none.
-            code = 1000 if event.code == NO_STATUS else event.code
-            self.queue(ws.send(CloseConnection(code=code)))
+            self.queue(close_frame(1000 if code == NO_STATUS else code, ""))
             self.reason = self.reason or Closed.CLIENT_CLOSE
-            self._drain()
-        elif ws.state is ConnectionState.CLOSED:
-            self._drain()  # the peer answered our close
-        else:
-            # Still OPEN: wsproto found a violation and tells us the code (1002, 1007, 1009).
-            self.close(_VIOLATIONS.get(event.code, Closed.PROTOCOL_ERROR), event.reason or "")
+        self._drain()  # CLOSING: the peer answered our close
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -246,14 +230,12 @@ class Connection(Session):
             self.grant = grant
             self.server.schedule_expiry(self)
         self.queue(upgrade.response)
-        self.http = None  # the h11 state is no longer needed: only wsproto's stays
+        self.http = None  # the h11 state is no longer needed, and frames need no object
         self.encoding = upgrade.encoding
-        self.ws = ws = WsConnection(ConnectionType.SERVER)
         self.state = OPEN
         self.last_rx = self.server.loop.now
         if upgrade.trailing_data:
-            ws.receive_data(upgrade.trailing_data)
-            self._ws_events(ws)
+            self._frames(upgrade.trailing_data)
 
     # -- output --------------------------------------------------------------------------------
 
@@ -361,9 +343,7 @@ class Connection(Session):
             return  # already closing; its deadline finishes the job
         self.reason = reason
         if self.state == OPEN:
-            ws = self.ws
-            assert ws is not None
-            self.queue(ws.send(CloseConnection(code=reason.code, reason=message or reason.label)))
+            self.queue(close_frame(reason.code, message or reason.label))
             if wait_for_peer:
                 self.server.router.drop(self)
                 self.state = CLOSING
@@ -375,6 +355,7 @@ class Connection(Session):
         self.server.router.drop(self)
         self.http = None
         self.partial = None
+        self.rx = b""
         self.state = DRAINING
         self.deadline = self.server.loop.now + self.server.config.close_timeout
         if not self.queued and not self.backlog:
@@ -399,7 +380,6 @@ class Connection(Session):
             self.abort(Closed.CLIENT_GONE)
             return
         self.state = LINGER
-        self.ws = None
         self.deadline = self.server.loop.now + min(2.0, self.server.config.close_timeout)
         self.update_interest()
 
@@ -414,7 +394,7 @@ class Connection(Session):
         self.out = []
         self.backlog = None
         self.queued = 0
-        self.ws = None
         self.http = None
         self.partial = None
+        self.rx = b""
         self.server.closed(self, self.reason or reason)

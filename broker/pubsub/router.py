@@ -44,6 +44,7 @@ from broker.pubsub.session import Session
 from broker.pubsub.topics import Sublist
 from broker.wire import codec, messages
 from broker.wire.codec import Encoding
+from broker.wire.inbound import Ping, pong_frame
 from broker.wire.messages import (
     AUTH,
     HISTORY,
@@ -121,6 +122,19 @@ class Router:
             if exc.request_id is None:
                 exc.request_id = req_id
             self.reply(session, messages.error(exc, session.encoding))
+
+    def handle_batch(self, session: Session, events: list[str | bytes | Ping]) -> None:
+        """Run the messages of one read in order (text: JSON, bytes: msgpack) and answer its
+        pings with pongs, in their place among the replies."""
+        handle = self.handle
+        for event in events:
+            kind = type(event)
+            if kind is str:
+                handle(session, event, False)  # type: ignore[arg-type]
+            elif kind is bytes:
+                handle(session, event, True)  # type: ignore[arg-type]
+            else:
+                self.reply(session, pong_frame(event.payload))  # type: ignore[union-attr]
 
     def reply(self, session: Session, frame: bytes) -> None:
         # Replies are not subject to the high-water mark: the loop stops reading a session that

@@ -3,7 +3,7 @@
 Fan-out encodes each message once and queues the same bytes object to every subscriber, so the
 frame must be complete and final here: FIN set, unmasked (servers never mask, section 5.1), no
 extensions (permessage-deflate is not negotiated: it would make every copy different).
-Client frames are parsed by wsproto; this module only writes.
+Client frames are parsed by wire.inbound; this module only writes.
 """
 
 from __future__ import annotations

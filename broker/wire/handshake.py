@@ -6,7 +6,7 @@ with the status to answer. The caller routes it: `/ws` goes through `accept_upgr
 the upgrade headers (wsproto's rules, plus a strict `Sec-WebSocket-Key` check wsproto leaves out),
 picks the subprotocol and returns the 101 response; any other path gets `respond`. After a 101,
 `trailing_data` holds the bytes the client sent behind its request (its first frames), and the
-exchange is dropped: only the small `wsproto.connection.Connection` stays with an open socket.
+exchange is dropped: frames need no object (wire.inbound), only a few slots of the connection.
 
 The 101 is built here, not by `wsproto.WSConnection`: that facade re-serialises and re-parses the
 request through a second h11 pair per connection, which costs connect rate during storms for no
