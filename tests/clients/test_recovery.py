@@ -187,6 +187,42 @@ def test_broker_restart_gives_a_new_epoch_and_unrecovered(broker_factory: Factor
     assert [m.seq for m in got] == [1, 1]
 
 
+def test_slow_consumer_closed_with_1008_reconnects_and_recovers(broker_factory: Factory) -> None:
+    """A subscriber whose callback stalls stops reading; the broker closes it as a slow consumer
+    (1008); the client reads what it had, reconnects and recovers the rest from history."""
+    total, size = 1000, 16 * 1024  # 16 MB: past the kernel's socket buffers and the mark
+    broker = broker_factory(
+        "--outbound-high-water", "262144", "--history-size", str(total), "--history-ttl", "60"
+    )
+    gate = threading.Event()
+    got: list[int] = []
+    lost: list[Unrecovered] = []
+    changes: list[StateChange] = []
+
+    def stall_then_record(message: Message) -> None:
+        gate.wait(30)  # the reader thread stops here: nothing more is read from the socket
+        got.append(message.seq)
+
+    with (
+        Client(
+            broker.url, backoff=FAST, on_unrecovered=lost.append, on_state_change=changes.append
+        ) as slow,
+        Client(broker.url) as publisher,
+    ):
+        slow.subscribe("feed", stall_then_record)
+        payload = "x" * size
+        for _ in range(total):
+            publisher.publish("feed", payload)
+        assert broker.wait_metric("broker_slow_consumers_total", equals=1) == 1
+        gate.set()
+        wait_until(lambda: len(got) >= total, 20, "the recovered stream")
+        time.sleep(0.2)  # a duplicate would arrive now
+        stats = slow.stats
+    assert got == list(range(1, total + 1))
+    assert lost == [] and stats.recovered == 1 and stats.out_of_order == 0
+    assert any("1008" in str(c.error) for c in changes if c.state is ConnectionState.RECONNECTING)
+
+
 def test_a_pattern_is_reported_unrecovered_after_a_reconnect(broker: BrokerProcess) -> None:
     lost: list[Unrecovered] = []
 
