@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 SlowConsumerPolicy = Literal["disconnect", "drop"]
+PollerName = Literal["epoll", "poll", "select"]  # broker/net/pollers.py
 LogFormat = Literal["text", "json"]
 
 
@@ -70,6 +71,14 @@ class Config:
     history_ttl: float = _opt(300.0, "seconds a message is kept for recovery; 0 = no limit")
     history_memory: int = _opt(
         64 << 20, "bytes of history for all topics; least recently published lose it first"
+    )
+    # -- poller (measurement only: broker-bench pollers, docs/benchmarks.md) --
+    poller: PollerName = _opt(
+        "epoll",
+        "how the loop waits for sockets: epoll is the only production choice; poll and select "
+        "exist to measure why (their cost grows with every idle connection; select also cannot "
+        "watch fds >= 1024 and closes such connections at accept)",
+        choices=("epoll", "poll", "select"),
     )
     # -- logging --
     log_level: str = _opt("info", "debug, info, warning, error")

@@ -81,6 +81,7 @@ class Closed(enum.Enum):
     MAX_CONNECTIONS = ("max_connections", 0)
     TLS_ERROR = ("tls_error", 0)  # a failed TLS handshake or a bad record: no close frame
     TOKEN_EXPIRED = ("token_expired", 4001)
+    POLLER_FD_LIMIT = ("poller_fd_limit", 0)  # --poller select: fd >= FD_SETSIZE, closed at accept
 
     @property
     def label(self) -> str:

@@ -95,7 +95,8 @@ class Server:
         self.tls_context: ssl.SSLContext | None = None
         if cfg.tls_cert:
             self.tls_context = server_context(cfg.tls_cert, cfg.tls_key)
-        self.loop = EventLoop(self.stats, fd_limit)
+        self.loop = EventLoop(self.stats, fd_limit, cfg.poller)
+        self._fd_ceiling_logged = False
         self.router = Router(cfg, self.stats, TokenVerifier.from_config(cfg))
         self.router.on_grant = self.schedule_expiry
         self.registry = make_registry(self.stats, self.gauges)
@@ -124,6 +125,9 @@ class Server:
             sock.close()
             self.stats.closed[Closed.MAX_CONNECTIONS] += 1
             return
+        if sock.fileno() >= self.loop.fd_ceiling:
+            self._over_fd_ceiling(sock)
+            return
         sock.setblocking(False)
         # Nagle would hold back small frames waiting for ACKs; we coalesce writes ourselves.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -133,6 +137,24 @@ class Server:
             Connection(sock, self, peer)
         else:
             TlsConnection(sock, self, self.tls_context, peer)
+
+    def _over_fd_ceiling(self, sock: socket.socket) -> None:
+        """--poller select cannot watch this fd (FD_SETSIZE): close it, count it, say so once."""
+        fd = sock.fileno()
+        sock.close()
+        self.stats.closed[Closed.POLLER_FD_LIMIT] += 1
+        if not self._fd_ceiling_logged:
+            self._fd_ceiling_logged = True
+            log.warning(
+                "--poller %s cannot watch fd %d (select's FD_SETSIZE is %d): connections "
+                "accepted on fds >= %d are closed at once and counted in "
+                'broker_connections_closed_total{reason="poller_fd_limit"}; '
+                "this message is logged once; --poller epoll (the default) has no such limit",
+                self.loop.poller_name,
+                fd,
+                self.loop.fd_ceiling,
+                self.loop.fd_ceiling,
+            )
 
     def closed(self, conn: Connection, reason: Closed) -> None:
         """Every connection ends here once (abort), whatever the path that closed it."""
@@ -432,6 +454,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.max_connections,
         os.getpid(),
     )
+    if cfg.poller != "epoll":
+        log.warning(
+            "--poller %s: for measuring the cost of polling only (broker-bench pollers); "
+            "epoll is the production poller%s",
+            cfg.poller,
+            "; select serves no fd >= 1024" if cfg.poller == "select" else "",
+        )
     if server.router.verifier is not None:
         log.info("authentication on: every connection needs a valid token (docs/security.md)")
     server.run()

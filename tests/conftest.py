@@ -152,6 +152,14 @@ def broker(broker_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
     return broker_factory()
 
 
+@pytest.fixture(params=["epoll", "poll", "select"])
+def polled_broker(
+    request: pytest.FixtureRequest, broker_factory: Callable[..., BrokerProcess]
+) -> BrokerProcess:
+    """A broker on each of the loop's pollers (--poller): the clients must not see which."""
+    return broker_factory("--poller", request.param)
+
+
 @pytest.fixture
 def raw_ws() -> Iterator[Callable[..., Any]]:
     """Open raw-socket WebSocket clients (tests/wsraw.py); all are closed at teardown."""

@@ -91,7 +91,8 @@ def test_every_operation(broker: BrokerProcess, subprotocol: str | None) -> None
     c.close()
 
 
-def test_wildcards_and_seq(broker: BrokerProcess) -> None:
+def test_wildcards_and_seq(polled_broker: BrokerProcess) -> None:
+    broker = polled_broker
     star, tail, exact, pub = (Client(broker) for _ in range(4))
     star.subscribe("s.*.x")
     tail.subscribe("s.>")
@@ -199,7 +200,8 @@ def test_http_routes(broker: BrokerProcess) -> None:
     assert stats["connections"] >= 1 and "busiest_topics" in stats
 
 
-def test_metrics_count_what_happened(broker: BrokerProcess) -> None:
+def test_metrics_count_what_happened(polled_broker: BrokerProcess) -> None:
+    broker = polled_broker
     subs = [Client(broker) for _ in range(3)]
     for s in subs:
         s.subscribe("m")

@@ -1,5 +1,8 @@
 """The event loop: one epoll instance, a table of handlers by fd, timers, and signal wake-ups.
 
+(`--poller poll|select` swaps epoll for a poller of the same interface, broker/net/pollers.py, to
+measure the seed's thesis; everything below is written for epoll, the only production choice.)
+
 Some facts about epoll, and the choices they lead to (see also docs/design.md):
 
 * Level-triggered, deliberately. With edge-triggered mode a reader must drain a socket until
@@ -43,7 +46,9 @@ from collections.abc import Callable
 from operator import itemgetter
 from typing import Any, Protocol
 
+from broker.config import PollerName
 from broker.metrics import Stats
+from broker.net.pollers import open_poller
 
 MAX_EVENTS = 1024
 
@@ -92,9 +97,12 @@ class Table:
 
 
 class EventLoop:
-    def __init__(self, stats: Stats, fd_limit: int) -> None:
+    def __init__(self, stats: Stats, fd_limit: int, poller: PollerName = "epoll") -> None:
         self.stats = stats
-        self.epoll = select.epoll()
+        self.poller_name = poller
+        # fd_ceiling: fds at or above it cannot be watched (select's FD_SETSIZE; else no limit)
+        self.poller, self.fd_ceiling = open_poller(poller)
+        self._wait = self.poller.poll  # for epoll, the C method itself: nothing added per wait
         # Listener, wake-up socket and connections share one fd-indexed table of handlers.
         self.table = Table(fd_limit)
         self._timers: list[tuple[float, int, Timer]] = []
@@ -114,16 +122,16 @@ class EventLoop:
     def register(self, fd: int, handler: Handler, mask: int) -> int:
         """Watch `fd` for `mask`, dispatching to `handler`; returns the handler's token."""
         token = self.table.add(fd, handler)
-        self.epoll.register(fd, mask)
+        self.poller.register(fd, mask)
         return token
 
     def modify(self, fd: int, mask: int) -> None:
-        self.epoll.modify(fd, mask)
+        self.poller.modify(fd, mask)
 
     def unregister(self, fd: int) -> None:
         self.table.remove(fd)
         with contextlib.suppress(OSError, ValueError):  # already gone with its socket
-            self.epoll.unregister(fd)
+            self.poller.unregister(fd)
 
     # -- timers --------------------------------------------------------------------------------
 
@@ -174,7 +182,7 @@ class EventLoop:
     def run_once(self) -> None:
         stats = self.stats
         try:
-            events = self.epoll.poll(self._timeout(), MAX_EVENTS)
+            events = self._wait(self._timeout(), MAX_EVENTS)
         except InterruptedError:
             events = []
         start = time.perf_counter_ns()
@@ -197,7 +205,7 @@ class EventLoop:
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
-        self.epoll.close()
+        self.poller.close()
         self._wake_r.close()
         self._wake_w.close()
 

@@ -9,6 +9,8 @@ import sys
 import time
 from collections.abc import Callable
 
+import pytest
+
 from tests.conftest import REPO, BrokerProcess
 from tests.wsraw import OP_TEXT, RawWs, encode_frame
 
@@ -44,10 +46,12 @@ def test_frames_of_one_iteration_leave_in_one_send(broker: BrokerProcess, raw_ws
     assert sends <= 10, f"{sends} sends for 200 deliveries: writes are not coalesced"
 
 
+@pytest.mark.parametrize("poller", ["epoll", "poll", "select"])
 def test_backpressure_arms_epollout(
-    broker_factory: Callable[..., BrokerProcess], raw_ws: Ws
+    broker_factory: Callable[..., BrokerProcess], raw_ws: Ws, poller: str
 ) -> None:
-    broker = broker_factory("--outbound-high-water", str(64 << 20))
+    """(Under every --poller: with poll and select the write interest is their writer set.)"""
+    broker = broker_factory("--outbound-high-water", str(64 << 20), "--poller", poller)
     c = raw_ws(broker, rcvbuf=4096)
     c.send_json({"op": "subscribe", "topic": "b", "id": 1})
     assert c.recv_json().items() >= {"op": "ack", "id": 1}.items()

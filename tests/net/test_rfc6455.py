@@ -28,9 +28,9 @@ def ws(raw_ws: Callable[..., RawWs]) -> Callable[..., RawWs]:
 
 
 def test_client_close_is_echoed_and_tcp_closed(
-    broker: BrokerProcess, ws: Callable[..., RawWs]
+    polled_broker: BrokerProcess, ws: Callable[..., RawWs]
 ) -> None:
-    c = ws(broker)
+    c = ws(polled_broker)
     c.send_frame(OP_CLOSE, close_payload(4000, "bye"))
     assert c.expect_close() == (4000, "")
     assert c.at_eof()

@@ -78,8 +78,11 @@ def payload(n: int, size: int) -> str:
     return (unit * (size // len(unit) + 1))[:size]
 
 
-def test_wss_publish_subscribe_across_record_boundaries(broker_factory: Factory, pki: Pki) -> None:
-    broker = start_tls(broker_factory, pki)
+@pytest.mark.parametrize("poller", ["epoll", "poll", "select"])
+def test_wss_publish_subscribe_across_record_boundaries(
+    broker_factory: Factory, pki: Pki, poller: str
+) -> None:
+    broker = start_tls(broker_factory, pki, "--poller", poller)
     with wss(broker, max_size=None) as sub, wss(broker) as pub:
         assert sub.socket.version() == "TLSv1.3"  # type: ignore[attr-defined]
         assert request(sub, op="subscribe", topic="t.>", id=1) == {"op": "ack", "id": 1}
