@@ -27,10 +27,10 @@ from .errors import (
     ClientClosedError,
     ConnectError,
     ConnectionLostError,
-    ForbiddenError,
+    HandshakeForbiddenError,
+    HandshakeUnauthorizedError,
     ProtocolError,
     TokenExpiredError,
-    UnauthorizedError,
 )
 from .protocol import (
     DEFAULT_URL,
@@ -97,9 +97,9 @@ def lost_error(rcvd: Close | None, sent: Close | None) -> ConnectionLostError:
     return (cls or ConnectionLostError)(describe_close(rcvd, sent))
 
 
-def open_error(url: str, exc: Exception, timeout: float) -> ConnectError | BrokerError:
-    """The typed error for an exception raised while opening a connection: `UnauthorizedError` /
-    `ForbiddenError` for an HTTP 401 / 403 (`status` set), else a `ConnectError`."""
+def open_error(url: str, exc: Exception, timeout: float) -> ConnectError:
+    """The typed error for an exception raised while opening a connection: for an HTTP 401 / 403
+    one that is also an `UnauthorizedError` / `ForbiddenError` (`status` set)."""
     if isinstance(exc, InvalidURI):
         return ConnectError(f"invalid broker URL {url!r}: {exc.msg}")
     if isinstance(exc, InvalidStatus):
@@ -109,9 +109,12 @@ def open_error(url: str, exc: Exception, timeout: float) -> ConnectError | Broke
         )
         detail = f"{url}: the server refused the WebSocket handshake with HTTP {status}"
         if status == 401:
-            return UnauthorizedError("unauthorized", f"{detail} ({body or 'no token'})", status=401)
+            message = f"{detail} ({body or 'no token'})"
+            return HandshakeUnauthorizedError("unauthorized", message, status=401)
         if status == 403:
-            return ForbiddenError("forbidden", f"{detail} ({body or 'refused'})", status=403)
+            return HandshakeForbiddenError(
+                "forbidden", f"{detail} ({body or 'refused'})", status=403
+            )
         return ConnectError(f"{detail}{f' ({body})' if body else ''}")
     if isinstance(exc, ConnectionRefusedError):
         return ConnectError(f"cannot connect to {url}: connection refused (is the broker running?)")
@@ -342,7 +345,7 @@ class ClientBase:
             options["ssl"] = self._ssl
         return options
 
-    def _open_failed(self, exc: Exception) -> ConnectError | BrokerError:
+    def _open_failed(self, exc: Exception) -> ConnectError:
         return open_error(self.url, exc, self._open_timeout)
 
     def _ended(self, error: BaseException) -> bool:

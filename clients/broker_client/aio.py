@@ -43,7 +43,6 @@ from ._common import (
 )
 from .errors import (
     BrokerClientError,
-    BrokerError,
     ClientClosedError,
     ConnectError,
     ConnectionLostError,
@@ -151,7 +150,7 @@ class AsyncClient(ClientBase):
         self._set_state(ConnectionState.CONNECTING)
         try:
             ws = await self._open()
-        except (ConnectError, BrokerError) as exc:
+        except ConnectError as exc:
             self._finish(exc)
             raise
         self._ws = ws
@@ -388,7 +387,7 @@ class AsyncClient(ClientBase):
             self._set_state(ConnectionState.CONNECTING, attempt=attempt)
             try:
                 ws = await self._open()
-            except (ConnectError, BrokerError) as exc:
+            except ConnectError as exc:
                 attempts.failed(exc)
                 continue
             if self._closing.is_set():

@@ -42,7 +42,6 @@ from ._common import (
 )
 from .errors import (
     BrokerClientError,
-    BrokerError,
     ClientClosedError,
     ConnectError,
     ConnectionLostError,
@@ -155,7 +154,7 @@ class Client(ClientBase):
         self._set_state(ConnectionState.CONNECTING)
         try:
             ws = self._open()
-        except (ConnectError, BrokerError) as exc:
+        except ConnectError as exc:
             self._finish(exc)
             raise
         self._ws = ws
@@ -396,7 +395,7 @@ class Client(ClientBase):
             self._set_state(ConnectionState.CONNECTING, attempt=attempt)
             try:
                 ws = self._open()
-            except (ConnectError, BrokerError) as exc:
+            except ConnectError as exc:
                 attempts.failed(exc)
                 continue
             if self._closing.is_set():

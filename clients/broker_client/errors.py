@@ -7,16 +7,17 @@ misuse of the API (wrong argument types, data that cannot be encoded) raises the
 `TypeError`/`ValueError`.
 
 A `BrokerError` is usually an `{"op":"error"}` reply on an open connection; `status` is None then.
-`UnauthorizedError` and `ForbiddenError` are also what the handshake's HTTP 401/403 raise (`status`
-401 or 403, `code` "unauthorized"/"forbidden"): the broker said no before any WebSocket opened.
+The handshake's HTTP 401/403 raise the `Handshake...` subclasses (`status` 401 or 403): catch them
+as `UnauthorizedError`/`ForbiddenError` (the broker said no) or, as before auth existed, as
+`ConnectError` (no WebSocket was opened).
 
     BrokerClientError
     ├── BrokerError                 the broker said no; .code, .message, .request_id, .status
     │   ├── BadRequestError         code "bad_request" (bad topic, publish to a wildcard, ...)
-    │   ├── ForbiddenError          code "forbidden" (outside the token's claims), or HTTP 403 at
-    │   │                           the handshake (Origin refused); alias `Forbidden`
-    │   ├── UnauthorizedError       code "unauthorized" (a refused `auth`), or HTTP 401 at the
-    │   │                           handshake (no valid token); alias `Unauthorized`
+    │   ├── ForbiddenError          code "forbidden" (outside the token's claims); alias `Forbidden`
+    │   │   └── HandshakeForbiddenError       HTTP 403 at the handshake (also a ConnectError)
+    │   ├── UnauthorizedError       code "unauthorized" (a refused `auth`); alias `Unauthorized`
+    │   │   └── HandshakeUnauthorizedError    HTTP 401 at the handshake (also a ConnectError)
     │   ├── TooLargeError           code "too_large"
     │   ├── RateLimitedError        code "rate_limited"
     │   ├── NotFoundError           code "not_found"
@@ -44,6 +45,8 @@ __all__ = [
     "ConnectionLostError",
     "Forbidden",
     "ForbiddenError",
+    "HandshakeForbiddenError",
+    "HandshakeUnauthorizedError",
     "NotFoundError",
     "ProtocolError",
     "RateLimitedError",
@@ -125,6 +128,14 @@ class ConnectionLostError(BrokerConnectionError):
 
 class TokenExpiredError(ConnectionLostError):
     """The broker closed the connection with 4001 because the token expired before a refresh."""
+
+
+class HandshakeUnauthorizedError(UnauthorizedError, ConnectError):
+    """HTTP 401 instead of the WebSocket: no token, or one the broker does not accept."""
+
+
+class HandshakeForbiddenError(ForbiddenError, ConnectError):
+    """HTTP 403 instead of the WebSocket: the broker's perimeter refused (e.g. the Origin)."""
 
 
 class ClientClosedError(BrokerClientError):

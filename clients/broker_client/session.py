@@ -47,6 +47,7 @@ from .errors import (
     BrokerError,
     ClientClosedError,
     ForbiddenError,
+    HandshakeForbiddenError,
     ProtocolError,
     TokenExpiredError,
     UnauthorizedError,
@@ -182,7 +183,7 @@ class Attempts:
         self._unauthorized = self._unauthorized + 1 if isinstance(error, UnauthorizedError) else 0
 
     def _go_on(self) -> bool:
-        if isinstance(self.error, ForbiddenError) and self.error.status is not None:
+        if isinstance(self.error, HandshakeForbiddenError):
             return False
         if self._unauthorized:
             return self._policy.renewable and self._unauthorized < 2

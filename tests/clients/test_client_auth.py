@@ -15,6 +15,7 @@ from broker_client import (
     AsyncClient,
     Backoff,
     Client,
+    ConnectError,
     ConnectionLostError,
     ConnectionState,
     Forbidden,
@@ -70,6 +71,7 @@ def test_no_or_bad_token_is_unauthorized_at_connect(
     with pytest.raises(Unauthorized) as info:
         Client(secured.url, token=tok).connect()
     assert info.value.status == 401 and "HTTP 401" in str(info.value)
+    assert isinstance(info.value, ConnectError)  # as a refused handshake always was
 
     async def run() -> None:
         client = AsyncClient(secured.url, token=tok)

@@ -252,8 +252,8 @@ def test_refresh_delay_is_ahead_of_expiry_and_early_for_short_tokens() -> None:
 
 def test_policy_gives_up_on_403_retries_401_once_with_a_callback() -> None:
     lost = errors.ConnectionLostError("cut")
-    unauthorized = errors.UnauthorizedError("unauthorized", "", status=401)
-    forbidden = errors.ForbiddenError("forbidden", "", status=403)
+    unauthorized = errors.HandshakeUnauthorizedError("unauthorized", "", status=401)
+    forbidden = errors.HandshakeForbiddenError("forbidden", "", status=403)
 
     def tries(policy: ReconnectPolicy, failures: list[BaseException]) -> int:
         attempts = policy.attempts(lost)
