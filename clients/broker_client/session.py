@@ -123,6 +123,18 @@ class SessionStats:
 
 
 @dataclass(slots=True)
+class _Mark:
+    """A topic's position as the session tracks it: updated in place for every message (a
+    `Position` per message would cost an allocation each; see `Session._message`)."""
+
+    epoch: str
+    seq: int
+
+    def position(self) -> Position:
+        return Position(self.epoch, self.seq)
+
+
+@dataclass(slots=True)
 class _Pending:
     resolver: Resolver
     op: str
@@ -217,7 +229,7 @@ class Session:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._subs: dict[str, list[Subscriber]] = {}
-        self._positions: dict[str, Position] = {}
+        self._positions: dict[str, _Mark] = {}
         self._resubscribing: dict[int, tuple[str, Position | None]] = {}
         self.stats = SessionStats()
 
@@ -314,7 +326,8 @@ class Session:
     def position(self, topic: str) -> Position | None:
         """The last position seen on a concrete subscribed topic (None before its ack)."""
         with self._lock:
-            return self._positions.get(topic)
+            mark = self._positions.get(topic)
+            return mark.position() if mark is not None else None
 
     def begin_resubscribe(self) -> list[str | bytes]:
         """One subscribe frame per pattern, to send on a fresh connection (maybe none); concrete
@@ -324,7 +337,8 @@ class Session:
             self._resubscribing.clear()
             for pattern in sorted(self._subs, key=lambda p: not is_concrete(p)):
                 rid = next(self._ids)
-                since = self._positions.get(pattern)
+                mark = self._positions.get(pattern)
+                since = mark.position() if mark is not None else None
                 self._resubscribing[rid] = (pattern, since)
                 body: dict[str, Any] = {"op": "subscribe", "topic": pattern, "id": rid}
                 if since is not None:
@@ -399,10 +413,10 @@ class Session:
         if since is not None and ack.recovered is True:
             # The missed messages follow this ack: keep counting from where we stood.
             self.stats.recovered += 1
-            self._positions[topic] = since
+            self._positions[topic] = _Mark(since.epoch, since.seq)
             return None
         if current is not None:
-            self._positions[topic] = current
+            self._positions[topic] = _Mark(current.epoch, current.seq)
         else:
             self._positions.pop(topic, None)  # a broker without positions (history off)
         if since is not None or again:
@@ -423,7 +437,7 @@ class Session:
                     )
                 elif message.seq > last.seq + 1:
                     self.stats.gaps += 1
-                self._positions[message.topic] = Position(last.epoch, message.seq)
+                last.seq = message.seq
             targets = [
                 sub
                 for pattern, subs in self._subs.items()
