@@ -397,6 +397,94 @@ def test_page_asks_for_a_token_then_shows_the_figures(
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_page_recovers_after_its_socket_drops(page: Page, broker: BrokerProcess) -> None:
+    open_page(page, broker)
+    subscribe_in_ui(page, "rec.a")
+    page.evaluate(
+        """() => {
+            window.seqs = [];
+            window.recovered = [];
+            window.brokerClient.addEventListener("message", (e) => {
+                if (e.detail.topic === "rec.a") window.seqs.push(e.detail.seq);
+            });
+            window.brokerClient.addEventListener(
+                "recovered", (e) => window.recovered.push(e.detail));
+        }"""
+    )
+    total = 150
+    with Client(broker.url) as client:
+
+        def traffic() -> None:
+            for i in range(total):
+                client.publish("rec.a", {"i": i + 1})
+                time.sleep(0.005)
+
+        publisher = threading.Thread(target=traffic)
+        publisher.start()
+        drops = 0
+        try:
+            for _ in range(3):  # drop the page's socket three times while messages flow
+                time.sleep(0.15)
+                expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
+                drops += page.evaluate("() => { window.brokerClient._ws.close(); return 1; }")
+        finally:
+            publisher.join(20)
+    deadline = time.monotonic() + 10
+    while page.evaluate("() => window.seqs.length") < total:
+        assert time.monotonic() < deadline, page.evaluate("() => window.seqs")
+        time.sleep(0.05)
+    time.sleep(0.3)  # a duplicate would arrive by now
+    seqs = page.evaluate("() => window.seqs")
+    assert seqs == list(range(1, total + 1))  # no loss, no duplicate, in order
+    recovered = page.evaluate("() => window.recovered")
+    assert len(recovered) == drops == 3
+    assert all(r["topic"] == "rec.a" and r["epoch"] == r["since"]["epoch"] for r in recovered)
+    expect(page.locator("#messages li[data-topic='rec.a']")).to_have_count(total)
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_page_reports_unrecovered_after_broker_restart(
+    page: Page, broker_factory: Callable[..., BrokerProcess]
+) -> None:
+    old = broker_factory()
+    open_page(page, old)
+    subscribe_in_ui(page, "rec.b")
+    with Client(old.url) as client:
+        for i in range(3):
+            client.publish("rec.b", i)
+    expect(page.locator("#messages li[data-topic='rec.b']")).to_have_count(3)
+    page.evaluate(
+        """() => {
+            window.unrecovered = [];
+            window.brokerClient.addEventListener(
+                "unrecovered", (e) => window.unrecovered.push(e.detail));
+        }"""
+    )
+    before = page.evaluate("() => window.brokerClient._positions.get('rec.b')")
+    assert before["seq"] == 3
+
+    old.terminate()
+    expect(page.locator("#conn-state")).not_to_have_attribute("data-state", "connected")
+    new = broker_factory(port=old.port)
+    expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected", timeout=15_000)
+    expect(page.locator("#sub-status")).to_have_text(
+        "reconnected: rec.b not recovered (the broker restarted); messages may be missing"
+    )
+    [event] = page.evaluate("() => window.unrecovered")
+    assert event["topic"] == "rec.b"
+    assert event["reason"] == "epoch"
+    assert event["since"] == before
+    assert event["epoch"] != before["epoch"]
+    assert event["seq"] == 0
+
+    with Client(new.url) as client:
+        assert client.publish("rec.b", "new epoch") == 1
+    expect(page.locator("#messages li[data-topic='rec.b']").first).to_contain_text("new epoch")
+    after = page.evaluate("() => window.brokerClient._positions.get('rec.b')")
+    assert after == {"epoch": event["epoch"], "seq": 1}
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 def _number(page: Page, selector: str) -> float | None:
     text = page.locator(selector).inner_text().replace(",", "").replace("\u202f", "")
     try:

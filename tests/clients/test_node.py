@@ -160,3 +160,29 @@ def test_js_module_with_auth_in_node(
         {"name": "TokenExpiredError", "code": 4001, "status": None, "reconnect": False}
     ]
     assert expired["error"] == {"name": "TokenExpiredError", "code": 4001, "status": None}
+
+
+def test_js_module_history_and_recovery_in_node(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    """history() from the start, after a position and on a stale epoch; recovery across three
+    dropped sockets (abrupt and clean) with a publisher running: every seq once, in order."""
+    broker = broker_factory("--auth-secret", SECRET)
+    steps = _auth_recovery(broker, _module(tmp_path), "recovery")
+
+    history = steps["history"]
+    assert [m["seq"] for m in history["all"]["messages"]] == [1, 2, 3, 4, 5]
+    assert history["all"]["messages"][0] == {"topic": "node.h", "seq": 1, "data": {"i": 1}}
+    assert history["all"]["seq"] == 5
+    assert history["after"]["recovered"] is True
+    assert [m["data"] for m in history["after"]["messages"]] == [{"i": 3}, {"i": 4}]
+    assert history["stale"] == {"recovered": False, "count": 0}
+    assert history["denied"] == {"name": "ForbiddenError", "code": "forbidden", "status": None}
+
+    recovery = steps["recovery"]  # 300 messages, three dropped sockets
+    assert recovery["count"] == 300
+    assert recovery["inOrder"] is True  # every seq once, in order: no loss, no duplicate
+    assert recovery["recovered"] == 3
+    assert recovery["position"]["seq"] == 300
+    assert recovery["position"]["epoch"] == recovery["epoch"]
+    assert recovery["unrecovered"] == [["node.*", "wildcard"]] * 3
