@@ -154,6 +154,9 @@ def test_js_module_with_auth_in_node(
     assert refresh["states"] == ["connecting", "connected"]
     assert refresh["expired"] == 0
 
+    again = steps["reconnect token"]  # each attempt asked the function for a token
+    assert again == {"step": "reconnect token", "calls": 2, "distinct": 2, "delivered": 0}
+
     expired = steps["expired"]
     assert expired["state"] == "closed"
     assert expired["events"] == [
@@ -166,8 +169,9 @@ def test_js_module_history_and_recovery_in_node(
     broker_factory: Callable[..., BrokerProcess], tmp_path: Path
 ) -> None:
     """history() from the start, after a position and on a stale epoch; recovery across three
-    dropped sockets (abrupt and clean) with a publisher running: every seq once, in order."""
-    broker = broker_factory("--auth-secret", SECRET)
+    dropped sockets (abrupt and clean) with a publisher running, and across a 4001 answered with
+    a fresh token from the function: every seq once, in order."""
+    broker = broker_factory("--auth-secret", SECRET, "--auth-leeway", "0")
     steps = _auth_recovery(broker, _module(tmp_path), "recovery")
 
     history = steps["history"]
@@ -186,3 +190,10 @@ def test_js_module_history_and_recovery_in_node(
     assert recovery["position"]["seq"] == 300
     assert recovery["position"]["epoch"] == recovery["epoch"]
     assert recovery["unrecovered"] == [["node.*", "wildcard"]] * 3
+
+    across = steps["expired and recovered"]  # 4001, a fresh token, and nothing missed
+    assert across["expired"] == [
+        {"name": "TokenExpiredError", "code": 4001, "status": None, "reconnect": True}
+    ]
+    assert across["recovered"] == 1
+    assert across["seqs"] == list(range(1, across["published"] + 1))

@@ -89,6 +89,20 @@ if (part === "auth") {
   client.close();
 }
 
+// 3b. Every connection attempt asks the token function: a dropped socket reconnects with a new one.
+if (part === "auth") {
+  const handed = [];
+  const token = () => handed.push(mint({ ...rights, n: handed.length })) && handed.at(-1);
+  const client = new BrokerClient(url, { WebSocket, token });
+  await client.connect();
+  client._ws.terminate();
+  while (client.state === "connected") await sleep(10);
+  await client.connect();
+  out({ step: "reconnect token", calls: handed.length, distinct: new Set(handed).size,
+        delivered: await client.publish("node.again", 1) });
+  client.close();
+}
+
 // 4. A fixed token that expires: close 4001, a "tokenexpired" event, and the client closes.
 if (part === "auth") {
   const client = new BrokerClient(url, { WebSocket, token: mint(rights, 2) });
@@ -143,6 +157,32 @@ if (part === "recovery") {
   out({ step: "recovery", count: seqs.length, inOrder: JSON.stringify(seqs) === JSON.stringify(expected),
         recovered: recovered.length, unrecovered: unrecovered.map((u) => [u.topic, u.reason]),
         wildCount: wild.length, position: sub.position, epoch: recovered[0] && recovered[0].epoch });
+  client.close();
+}
+// 7. A token function that has nothing newer until the first token ran out: the broker closes
+// with 4001, the client reconnects with the next token and recovers what it missed meanwhile.
+if (part === "recovery") {
+  const first = mint(rights, 2);
+  const token = () => (Date.now() < m.tokenClaims(first).exp * 1000 ? first : mint(rights));
+  const client = new BrokerClient(url, { WebSocket, token, minDelay: 300, maxDelay: 300, jitter: 0 });
+  const expired = collect(client, "tokenexpired");
+  const recovered = collect(client, "recovered");
+  await client.connect();
+  const seqs = [];
+  await client.subscribe("node.x", (msg) => seqs.push(msg.seq));
+  let i = 0;
+  while (client.state === "connected") {
+    await publisher.publish("node.x", ++i);
+    await sleep(20);
+  }
+  for (let j = 0; j < 5; j++) await publisher.publish("node.x", ++i); // while it reconnects
+  await client.connect();
+  await publisher.publish("node.x", ++i);
+  const started = Date.now();
+  while (seqs.length < i && Date.now() - started < 5000) await sleep(20);
+  out({ step: "expired and recovered", published: i, seqs,
+        expired: expired.map((e) => ({ ...describe(e.error), reconnect: e.reconnect })),
+        recovered: recovered.length });
   client.close();
 }
 publisher.close();
