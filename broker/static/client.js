@@ -381,8 +381,9 @@ export class BrokerClient extends EventTarget {
 
   /**
    * The retained messages of a concrete topic: {epoch, seq, recovered, messages: [{topic, seq,
-   * data}]}. `since` ({epoch, seq}, e.g. a Subscription's `position`) asks for what followed it;
-   * without it, the oldest retained message first. At most `limit` messages.
+   * data}]}. `since` ({epoch, seq}, e.g. a Subscription's `position`) asks for what followed it
+   * (`recovered` true); without it, or when that is gone (`recovered` false), the oldest retained
+   * message comes first. At most `limit` messages.
    */
   async history(topic, { since = null, limit = null } = {}) {
     const body = { op: "history", topic };

@@ -180,7 +180,7 @@ def test_js_module_history_and_recovery_in_node(
     assert history["all"]["seq"] == 5
     assert history["after"]["recovered"] is True
     assert [m["data"] for m in history["after"]["messages"]] == [{"i": 3}, {"i": 4}]
-    assert history["stale"] == {"recovered": False, "count": 0}
+    assert history["stale"] == {"recovered": False, "count": 5}  # then the oldest retained
     assert history["denied"] == {"name": "ForbiddenError", "code": "forbidden", "status": None}
 
     recovery = steps["recovery"]  # 300 messages, three dropped sockets
