@@ -76,7 +76,9 @@ class Stream:
         self.topic = topic
         self.epoch = new_epoch()
         self.seq = 0
-        self.entries: deque[Entry] = deque()
+        # Made at the first message kept and dropped when emptied: an idle position costs
+        # ~250 bytes, an empty deque alone would cost 600.
+        self.entries: deque[Entry] | None = None
         self.held_bytes = 0
 
 
@@ -177,7 +179,10 @@ class LocalStreams:
             return entry
         entry = Entry(seq, data, now, ENTRY_OVERHEAD + size)
         entries = stream.entries
-        if entries:
+        if entries is None:
+            entries = stream.entries = deque()
+            self.retained[topic] = stream
+        else:
             self.retained.move_to_end(topic)
             if len(entries) >= self.size:  # the steady state of a busy topic: inlined
                 old = entries.popleft()
@@ -188,10 +193,9 @@ class LocalStreams:
             ttl = self.ttl
             if ttl and entries and entries[0].at < now - ttl:
                 self._trim(stream, now)
-            if not entries:  # the TTL took them all
-                self.retained[topic] = stream
-        else:
-            self.retained[topic] = stream
+                if stream.entries is None:  # the TTL took them all
+                    entries = stream.entries = deque()
+                    self.retained[topic] = stream
         entry.stream = stream
         entries.append(entry)
         stream.held_bytes += entry.size
@@ -205,7 +209,8 @@ class LocalStreams:
         entry.frames[encoding] = frame
         stream = entry.stream
         # Still in its ring? Rings lose their oldest first (or everything), so: still in range.
-        if stream is not None and stream.entries and stream.entries[0].seq <= entry.seq:
+        entries = None if stream is None else stream.entries
+        if stream is not None and entries and entries[0].seq <= entry.seq:
             n = len(frame)
             entry.size += n
             stream.held_bytes += n
@@ -233,9 +238,9 @@ class LocalStreams:
             # Not created by a read: a flood of reads of made-up topics must not push real
             # positions out (--seq-topics). Nothing was published, so nothing is missing.
             return Window(new_epoch(), 0, epoch is None, [])
-        entries = stream.entries
-        if self.ttl and entries and entries[0].at < now - self.ttl:
+        if self.ttl and stream.entries and stream.entries[0].at < now - self.ttl:
             self._trim(stream, now)
+        entries = stream.entries or ()
         last = stream.seq
         if epoch is None:
             epoch, seq = stream.epoch, 0
@@ -260,14 +265,14 @@ class LocalStreams:
         retained = self.retained
         while retained:
             stream = next(iter(retained.values()))
-            if stream.entries[-1].at >= horizon:
+            entries = stream.entries
+            if entries and entries[-1].at >= horizon:
                 break
             self._clear(stream, "ttl")
 
     def _trim(self, stream: Stream, now: float) -> None:
         horizon = now - self.ttl
-        entries = stream.entries
-        while entries and entries[0].at < horizon:
+        while stream.entries and stream.entries[0].at < horizon:
             self._drop_oldest(stream, "ttl")
 
     def _shrink(self) -> None:
@@ -282,19 +287,22 @@ class LocalStreams:
                 self._drop_oldest(stream, "memory")
 
     def _drop_oldest(self, stream: Stream, reason: str) -> None:
-        entry = stream.entries.popleft()
+        entries = stream.entries
+        assert entries
+        entry = entries.popleft()
         stream.held_bytes -= entry.size
         self.held_bytes -= entry.size
         self.messages -= 1
         self.evictions[reason] += 1
-        if not stream.entries:
+        if not entries:
+            stream.entries = None
             del self.retained[stream.topic]
 
     def _clear(self, stream: Stream, reason: str) -> None:
-        entries = stream.entries
+        n = len(stream.entries or ())
         self.held_bytes -= stream.held_bytes
-        self.messages -= len(entries)
-        self.evictions[reason] += len(entries)
+        self.messages -= n
+        self.evictions[reason] += n
         stream.held_bytes = 0
-        entries.clear()
+        stream.entries = None
         self.retained.pop(stream.topic, None)

@@ -377,3 +377,16 @@ def test_reads_do_not_create_topics() -> None:
         assert (w.seq, w.recovered, w.entries) == (0, True, [])
         assert not s.since(f"x{i}", "e", 0, 10, now=0.0).recovered
     assert list(s.streams) == ["a"] and s.position("a") == (epoch, 0)
+
+
+def test_a_position_without_history_is_small() -> None:
+    """Every subscribed topic has a position: idle connections must stay cheap (docs/design.md)."""
+    s = streams()
+    topics = [f"idle.{i}" for i in range(2000)]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for topic in topics:
+        s.position(topic)
+    per_topic = (tracemalloc.get_traced_memory()[0] - before) / len(topics)
+    tracemalloc.stop()
+    assert per_topic < 260
