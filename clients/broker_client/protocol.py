@@ -159,7 +159,8 @@ class Codec:
                 obj = json.loads(frame)
             else:
                 obj = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-        except (ValueError, msgpack.UnpackException) as exc:
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            # TypeError: a msgpack map whose key is a map or an array (unhashable).
             raise ProtocolError(f"undecodable frame from the broker: {exc}") from exc
         if not isinstance(obj, dict):
             raise ProtocolError(f"frame from the broker is not a map: {type(obj).__name__}")

@@ -59,7 +59,9 @@ def test_decode_goes_by_frame_type_not_negotiated_encoding() -> None:
     assert Codec.decode(msgpack.packb({"op": "pong"})) == {"op": "pong"}
 
 
-@pytest.mark.parametrize("frame", ["{", "[1]", "null", b"\xc1", b"\x93\x01\x02\x03", ""])
+@pytest.mark.parametrize(
+    "frame", ["{", "[1]", "null", b"\xc1", b"\x93\x01\x02\x03", "", b"\x82\x00\x00\x80\x00"]
+)
 def test_decode_garbage_raises_protocol_error_only(frame: str | bytes) -> None:
     with pytest.raises(errors.ProtocolError):
         Codec.decode(frame)
