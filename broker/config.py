@@ -45,7 +45,7 @@ class Config:
     close_timeout: float = _opt(5.0, "seconds to wait for the peer's close frame or drain")
     shutdown_timeout: float = _opt(10.0, "seconds SIGTERM waits for queues to drain")
     read_size: int = _opt(256 * 1024, "bytes asked of one recv()")
-    topic_cache_size: int = _opt(4096, "exact topics whose subscriber lists are cached")
+    topic_cache_size: int = _opt(16384, "exact topics whose subscriber lists are cached")
     seq_topics: int = _opt(
         100_000, "topics whose positions (epoch, seq) are kept; the least recently used go"
     )

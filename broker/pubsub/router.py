@@ -56,6 +56,8 @@ from broker.wire.messages import (
     is_pattern,
 )
 
+_ENCODINGS = tuple(Encoding)  # by value: the Sublist groups' order
+
 
 def _nothing(session: Session) -> None:
     pass
@@ -317,11 +319,11 @@ class Router:
         entry = streams.append(topic, data, size, self.now)
         seq = entry.seq
         delivered = 0
-        for encoding, subs in enumerate(self.sublist.match(topic)):
+        for encoding, subs in zip(_ENCODINGS, self.sublist.match(topic), strict=False):
             if not subs:
                 continue
             try:
-                frame = messages.message(topic, data, seq, Encoding(encoding))
+                frame = messages.message(topic, data, seq, encoding)
             except codec.EncodeError:
                 stats.dropped["unencodable"] += len(subs)
                 continue

@@ -106,7 +106,14 @@ def _check_str(text: str) -> None:
 
 
 def _decode_json(text: str) -> Any:
-    value = _json_decode(text)
+    # The C scanner straight away (what JSONDecoder.decode runs after two Python-level steps);
+    # anything unusual (whitespace around the value, an error) goes the long way for its message.
+    try:
+        value, end = _json_scan(text, 0)
+    except (StopIteration, ValueError):
+        end = -1
+    if end != len(text):
+        value = _json_decode(text)
     if type(value) is dict or type(value) is list:
         # Deeper than MAX_DEPTH takes more than MAX_DEPTH openers and as many closers.
         deep = len(text) > 2 * MAX_DEPTH and text.count("[") + text.count("{") > MAX_DEPTH
@@ -136,7 +143,9 @@ def _bytes_as_base64(value: object) -> str:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-_json_decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
+_json_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_json_decode = _json_decoder.decode
+_json_scan = _json_decoder.scan_once  # type: ignore[attr-defined]
 # allow_nan=False: a non-finite float (from msgpack) is an EncodeError, never `Infinity` sent.
 _json_encode = json.JSONEncoder(
     separators=(",", ":"), default=_bytes_as_base64, allow_nan=False

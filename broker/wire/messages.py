@@ -21,11 +21,15 @@ from __future__ import annotations
 import base64
 import math
 import re
+from json import encoder as json_encoder
 from typing import Any, NamedTuple
 
 from broker.errors import ErrorCode, RequestError
 from broker.wire import codec
 from broker.wire.codec import Encoding
+from broker.wire.frames import OP_TEXT, frame
+
+_json_string = json_encoder.encode_basestring_ascii  # what json.dumps uses for str (ensure_ascii)
 
 MAX_TOPIC_BYTES = 255
 _TOPIC_CHARS = re.compile(r"[^\s\x00-\x1f\x7f]+")
@@ -261,6 +265,24 @@ def message(topic: str, data: Any, seq: int, encoding: Encoding) -> bytes:
     Binary data on a JSON connection travels as base64 with "encoding":"base64" (protocol v1).
     Raises codec.EncodeError when `data` has no form in `encoding`.
     """
+    if encoding is Encoding.JSON:
+        kind = type(data)
+        if kind is str or kind is int:
+            # The common case written directly: the same bytes json.dumps would give
+            # (compact separators, ASCII escapes), without building a dict and an encoder.
+            value = _json_string(data) if kind is str else int.__repr__(data)
+            return frame(
+                OP_TEXT,
+                b"".join(
+                    (
+                        b'{"op":"message","topic":',
+                        _json_string(topic).encode(),
+                        b',"data":',
+                        value.encode(),
+                        b',"seq":%d}' % seq,
+                    )
+                ),
+            )
     if encoding is Encoding.JSON and isinstance(data, bytes | bytearray):
         body = {
             "op": "message",

@@ -269,3 +269,38 @@ def test_what_json_decode_accepts_every_encoding_can_write(text: str) -> None:
         codec.encode_payload(value, Encoding.MSGPACK)
     except codec.EncodeError:
         assert _has_big_int(value)
+
+
+@given(
+    st.text(min_size=1, max_size=20),
+    st.one_of(st.text(), st.integers(), st.booleans(), st.floats(allow_nan=False), st.none()),
+    st.integers(min_value=0, max_value=2**63),
+)
+def test_message_frames_written_directly_equal_the_encoders(
+    topic: str, data: Any, seq: int
+) -> None:
+    # str and int data are written without json.dumps: the bytes must not differ.
+    expected = codec.encode(
+        {"op": "message", "topic": topic, "data": data, "seq": seq}, Encoding.JSON
+    )
+    assert messages.message(topic, data, seq, Encoding.JSON) == expected
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(),
+        lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+    )
+)
+def test_json_decode_fast_path_equals_the_decoder(value: Any) -> None:
+    text = json.dumps(value)
+    for variant in (text, " " + text, text + "\n", text + "x"):
+        try:
+            expected: Any = json.loads(variant)
+        except ValueError:
+            expected = codec.DecodeError
+        try:
+            got: Any = codec.decode(variant, False)
+        except codec.DecodeError:
+            got = codec.DecodeError
+        assert got == expected
