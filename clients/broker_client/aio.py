@@ -260,7 +260,9 @@ class AsyncClient(ClientBase):
         self, topic: str, *, since: Position | None = None, limit: int | None = None
     ) -> History:
         """The retained messages of a concrete topic after `since` (from the oldest without it),
-        at most `limit`; `recovered` False when some after `since` are gone."""
+        at most `limit`. `recovered` False: the range after `since` is not all retained (or the
+        epoch changed), and the messages are the oldest retained. The broker cuts a reply at
+        about its --max-message-size: ask again from the last seq for more."""
         reply = await self._request("history", topic=topic, since=since, limit=limit)
         return self._session.history(topic, reply)
 

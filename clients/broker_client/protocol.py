@@ -101,8 +101,8 @@ class Ack:
 @dataclass(frozen=True, slots=True)
 class History:
     """The answer to `history()`: the topic's current position, whether the asked-for range was
-    complete (`recovered`; False means older messages are gone or the epoch changed) and the
-    retained messages after `since`, oldest first."""
+    complete (`recovered`; False means messages after `since` are gone or the epoch changed, and
+    `messages` are then the oldest retained) and the messages, oldest first."""
 
     topic: str
     position: Position

@@ -6,6 +6,7 @@ before `exp` (the connection outlives its first token), revoked subscriptions, a
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from broker_client import (
     AsyncClient,
     Backoff,
+    BrokerClientError,
     Client,
     ConnectError,
     ConnectionLostError,
@@ -202,3 +204,46 @@ def test_cli_token_flag_and_environment(secured: BrokerProcess) -> None:
         capture_output=True, text=True, timeout=20, env=ENV, check=True,
     ).stdout.strip()  # fmt: skip
     assert run("--token", minted, "publish", "m.x", "1").returncode == 0
+
+
+def test_4001_with_a_callback_reconnects_with_a_fresh_token_and_recovers(
+    secured: BrokerProcess,
+) -> None:
+    """The identity provider fails the refresh (the broker refuses it: `unauthorized`), so the
+    token expires and the broker closes with 4001; the client reconnects, asking the callback
+    again, and recovers its subscription from where it stood."""
+    expired_seen = threading.Event()
+    reported: list[BrokerClientError] = []
+    changes: list[StateChange] = []
+    got: list[int] = []
+
+    calls: list[int] = []
+
+    def source() -> str:
+        calls.append(1)
+        if expired_seen.is_set():
+            return token()  # the provider is back
+        return token(ttl=2) if len(calls) == 1 else "junk"
+
+    def on_state(change: StateChange) -> None:
+        changes.append(change)
+        if isinstance(change.error, TokenExpired):
+            expired_seen.set()
+
+    with (
+        Client(secured.url, token=source, backoff=FAST, on_state_change=on_state,
+               on_error=reported.append) as client,
+        Client(secured.url, token=token()) as publisher,
+    ):  # fmt: skip
+        client.subscribe("x.t", lambda m: got.append(m.seq))
+        publisher.publish("x.t", 1)
+        assert expired_seen.wait(6), "no 4001"
+        client.wait_for_state(ConnectionState.CONNECTED, timeout=5)
+        publisher.publish("x.t", 2)
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = client.stats
+    assert got == [1, 2]
+    assert any(isinstance(e, Unauthorized) for e in reported)  # the refused refresh, reported
+    assert stats.recovered == 1 and stats.unrecovered == 0
