@@ -61,16 +61,18 @@ def run_readers(broker: BrokerProcess, n: int, topic: str, expect: int) -> list[
 def publish_paced(
     ws: Ws, broker: BrokerProcess, topic: str, count: int, size: int, readers: list[list[int]]
 ) -> None:
-    """Publish in batches, letting the normal readers catch up between batches: only the
-    subscriber that never reads may fall behind."""
+    """Publish in batches, letting the normal readers catch up after each: only the subscriber
+    that never reads may fall behind. A batch stays under the high-water mark, so a normal
+    reader is never a slow consumer however fast the publisher is."""
     pub = ws(broker)
     payload = "x" * size
-    for start in range(0, count, 100):
-        for _ in range(100):
+    batch = 20
+    for start in range(0, count, batch):
+        for _ in range(batch):
             pub.send_json({"op": "publish", "topic": topic, "data": payload})
         deadline = time.monotonic() + 20
-        while min(map(len, readers)) < start and time.monotonic() < deadline:
-            time.sleep(0.005)
+        while min(map(len, readers)) < start + batch and time.monotonic() < deadline:
+            time.sleep(0.002)
     pub.send_json({"op": "ping", "id": "sync"})
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
