@@ -80,6 +80,12 @@ class Config:
         "watch fds >= 1024 and closes such connections at accept)",
         choices=("epoll", "poll", "select"),
     )
+    # -- workers (broker/supervisor.py, net/hub.py) --
+    workers: int = _opt(
+        1,
+        "worker processes sharing the port (SO_REUSEPORT) under a supervising parent that "
+        "routes messages between them; 1 = one process, 0 = one per core",
+    )
     # -- logging --
     log_level: str = _opt("info", "debug, info, warning, error")
     log_format: LogFormat = _opt("text", "text or json", choices=("text", "json"))
@@ -170,6 +176,8 @@ def validate(config: Config) -> list[str]:
         problems.append("handshake_burst must be at least 1 when handshake_rate is set")
     if config.history_size < 0 or config.history_ttl < 0:
         problems.append("history_size and history_ttl cannot be negative")
+    if config.workers < 0:
+        problems.append("workers cannot be negative")
     if config.history_memory < 1 or config.seq_topics < 1:
         problems.append("history_memory and seq_topics must be positive")
     return problems

@@ -23,6 +23,7 @@ class ErrorCode(enum.StrEnum):
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
     NOT_FOUND = "not_found"
+    UNAVAILABLE = "unavailable"  # the backplane (hub or Redis) cannot take the request now
     INTERNAL = "internal"
 
 

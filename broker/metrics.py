@@ -12,6 +12,7 @@ import select
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -81,6 +82,11 @@ class Stats:
         self.handshakes_refused = dict.fromkeys(REFUSE_REASONS, 0)
         self.replayed = 0
         self.history_evictions = dict.fromkeys(HISTORY_EVICTION_REASONS, 0)
+        # -- backplane (--workers, --redis): messages over the channel to the hub --
+        self.backplane_sent = 0
+        self.backplane_received = 0
+        # The pubsub.backplane.Backplane when there is one: its series are exported only then.
+        self.backplane: Any = None
 
     def record_wait(self, n: int) -> None:
         self.epoll_waits += 1
@@ -210,6 +216,41 @@ class BrokerCollector(Collector):
         for refuse_reason, count in s.handshakes_refused.items():
             refused.add_metric([refuse_reason], count)
         yield refused
+        backplane = s.backplane
+        if backplane is not None:
+            yield GaugeMetricFamily(
+                "broker_backplane_up",
+                "1 while the backplane (hub or Redis) is reachable, else 0",
+                value=1 if backplane.up else 0,
+            )
+            yield _counter(
+                "broker_backplane_messages_sent", "Messages sent to the backplane", s.backplane_sent
+            )
+            yield _counter(
+                "broker_backplane_messages_received",
+                "Messages received from the backplane",
+                s.backplane_received,
+            )
+            yield _counter(
+                "broker_backplane_refused",
+                "Requests refused with `unavailable` (backplane down or its buffer full)",
+                backplane.refused,
+            )
+            yield _counter(
+                "broker_backplane_failed",
+                "Requests in flight failed with `unavailable` when the backplane went away",
+                backplane.failed,
+            )
+            yield GaugeMetricFamily(
+                "broker_backplane_buffered_bytes",
+                "Bytes queued to the backplane, not yet written",
+                value=backplane.buffered_bytes(),
+            )
+            yield GaugeMetricFamily(
+                "broker_backplane_pending",
+                "Requests awaiting the backplane's answer",
+                value=len(backplane.pending),
+            )
         for name, gauge in self.gauges().items():
             yield GaugeMetricFamily(name, _GAUGE_HELP.get(name, name), value=gauge)
 

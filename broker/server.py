@@ -38,6 +38,7 @@ from broker.config import Config
 from broker.errors import Closed
 from broker.metrics import Stats, make_registry, render
 from broker.net.connection import CLOSED, CLOSING, HTTP, LINGER, OPEN, Connection
+from broker.net.hub import HubLink
 from broker.net.listener import Listener
 from broker.net.loop import EventLoop, Timer
 from broker.net.tls import TlsConnection, TlsSetupError, server_context
@@ -83,7 +84,9 @@ def raise_fd_limit() -> tuple[int, int]:
 
 
 class Server:
-    def __init__(self, cfg: Config, fd_limit: int) -> None:
+    def __init__(
+        self, cfg: Config, fd_limit: int, worker: tuple[int, socket.socket] | None = None
+    ) -> None:
         self.config = cfg
         self.perimeter = Perimeter(
             cfg.allowed_origins, cfg.max_connections_per_ip, cfg.handshake_rate, cfg.handshake_burst
@@ -106,7 +109,21 @@ class Server:
         self._expiries: list[tuple[float, int, int, Grant]] = []
         self._expiry_seq = itertools.count()
         self._expiry_timer: Timer | None = None
-        self.listener = Listener(self.loop, cfg.host, cfg.port, cfg.backlog, self.accept)
+        # --workers: this process is worker `index` of a supervisor (broker/supervisor.py).
+        self.worker = None if worker is None else worker[0]
+        self.upgrade_headers: tuple[tuple[bytes, bytes], ...] = ()
+        if worker is not None:
+            index, hub_sock = worker
+            link = HubLink(hub_sock, self.loop, self.router, self.stats)
+            link.render_metrics = lambda: render(self.registry)
+            link.on_lost = self.shutdown
+            self.router.backplane = self.stats.backplane = link
+            self.api.metrics_source = link.gather_metrics
+            # Which worker took a connection, for clients and tests that want to know.
+            self.upgrade_headers = ((b"x-broker-worker", str(index).encode()),)
+        self.listener = Listener(
+            self.loop, cfg.host, cfg.port, cfg.backlog, self.accept, reuse_port=worker is not None
+        )
         self.connections = 0
         self.stopping = False
         self._error_log_times: list[float] = []
@@ -338,6 +355,7 @@ class Server:
             **self._rates,
             "busiest_topics": self._busiest,
             "uptime_s": time.time() - s.started,
+            **({} if self.worker is None else {"worker": self.worker, "pid": os.getpid()}),
         }
 
     # -- shutdown ------------------------------------------------------------------------------
@@ -396,6 +414,16 @@ class Server:
             self.loop.close()
 
 
+class _Tag(logging.Filter):
+    def __init__(self, process: str) -> None:
+        super().__init__()
+        self.process = process
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.process_tag = self.process
+        return True
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -404,28 +432,53 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        tag = getattr(record, "process_tag", None)
+        if tag:
+            entry["process"] = tag
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
-def setup_logging(cfg: Config) -> None:
+def setup_logging(cfg: Config, process: str = "") -> None:
+    """Logs to stderr; `process` (e.g. "worker 2") starts each line with --workers."""
     handler = logging.StreamHandler(sys.stderr)
     if cfg.log_format == "json":
         handler.setFormatter(_JsonFormatter())
+        if process:
+            handler.addFilter(_Tag(process))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        tag = f"[{process}] " if process else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(cfg.log_level.upper())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = config.parse(argv)
-    setup_logging(cfg)
     before, after = raise_fd_limit()
+    worker = None
+    if "BROKER_WORKER_FD" in os.environ:  # started by a supervisor (--workers)
+        index = int(os.environ["BROKER_WORKER_INDEX"])
+        worker = (index, socket.socket(fileno=int(os.environ["BROKER_WORKER_FD"])))
+        setup_logging(cfg, f"worker {index}")
+    else:
+        setup_logging(cfg, "supervisor" if cfg.workers != 1 else "")
+    if worker is None and cfg.workers != 1:
+        from broker.supervisor import Supervisor
+
+        try:
+            supervisor = Supervisor(cfg, argv, after)
+        except OSError as exc:
+            log.error("cannot bind %s:%d: %s", cfg.host, cfg.port, exc.strerror)  # noqa: TRY400
+            return 1
+        return supervisor.run()
     try:
-        server = Server(cfg, after)
+        server = Server(cfg, after, worker)
     except TlsSetupError as exc:
         log.error("--tls-cert/--tls-key: %s", exc)  # noqa: TRY400
         return 1

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import select
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from broker.errors import Closed, HandshakeError
+from broker.pubsub.http_api import Deferred, Response
 from broker.pubsub.session import Session
 from broker.wire.handshake import HttpExchange, HttpRequest, check_upgrade
 from broker.wire.inbound import Message, PeerClose, close_frame, parse
@@ -182,34 +184,13 @@ class Connection(Session):
     def _http_data(self, data: bytes) -> None:
         http = self.http
         assert http is not None
-        server = self.server
         was_idle = http.idle  # between requests: an EOF now is a normal keep-alive close
-        try:
-            req = http.receive(data)
-            while req is not None:
-                if req.path == "/ws":
-                    self._upgrade(http, req)
-                    return
-                try:
-                    resp = server.api.handle(req)
-                except Exception as exc:  # a bug: answer 500 and close this connection only
-                    server.report_bug(self, exc)
-                    self.queue(http.respond(500, b"internal error\n", headers=_CLOSE))
-                    self.reason = Closed.INTERNAL_ERROR
-                    self._drain()
-                    return
-                self.queue(http.respond(resp.status, resp.body, resp.content_type, resp.headers))
-                if not http.next_cycle():
-                    self.reason = Closed.HTTP_DONE
-                    self._drain()
-                    return
-                self.deadline = server.loop.now + server.config.handshake_timeout
-                req = http.next_request()
-        except HandshakeError as exc:
-            body = (exc.message + "\n").encode()
-            self.queue(http.respond(exc.status, body, headers=(*exc.headers, *_CLOSE)))
-            self.reason = Closed.BAD_HANDSHAKE
-            self._drain()
+        if http.waiting:
+            # A response still owed (the backplane answers later): h11 keeps the bytes.
+            http.receive(data)
+            if data:
+                return
+        elif not self._serve_http(http, data):
             return
         if not data:  # EOF: finish writing what we owe, then close
             reason = Closed.HTTP_DONE if was_idle else Closed.CLIENT_GONE
@@ -219,13 +200,73 @@ class Connection(Session):
             else:
                 self.abort(reason)
 
+    def _serve_http(self, http: HttpExchange, data: bytes | None) -> bool:
+        """Feed `data` (None: nothing new) and answer every complete request; False once the
+        connection is done with HTTP (upgraded, closing, or waiting for a deferred answer)."""
+        server = self.server
+        try:
+            req = http.next_request() if data is None else http.receive(data)
+            while req is not None:
+                if req.path == "/ws":
+                    self._upgrade(http, req)
+                    return False
+                try:
+                    resp = server.api.handle(req)
+                except Exception as exc:  # a bug: answer 500 and close this connection only
+                    server.report_bug(self, exc)
+                    self.queue(http.respond(500, b"internal error\n", headers=_CLOSE))
+                    self.reason = Closed.INTERNAL_ERROR
+                    self._drain()
+                    return False
+                if type(resp) is Deferred:
+                    if resp.response is None:
+                        http.waiting = True
+                        resp.callback = self._answer_later(http)
+                        return False
+                    resp = resp.response
+                assert type(resp) is Response
+                self.queue(http.respond(resp.status, resp.body, resp.content_type, resp.headers))
+                if not http.next_cycle():
+                    self.reason = Closed.HTTP_DONE
+                    self._drain()
+                    return False
+                self.deadline = server.loop.now + server.config.handshake_timeout
+                req = http.next_request()
+        except HandshakeError as exc:
+            body = (exc.message + "\n").encode()
+            self.queue(http.respond(exc.status, body, headers=(*exc.headers, *_CLOSE)))
+            self.reason = Closed.BAD_HANDSHAKE
+            self._drain()
+            return False
+        return True
+
+    def _answer_later(self, http: HttpExchange) -> Callable[[Response], None]:
+        token = self.token
+        return lambda resp: self._deferred(token, http, resp)
+
+    def _deferred(self, token: int, http: HttpExchange, resp: Response) -> None:
+        """The backplane answered a request of this connection: write it, go on serving."""
+        http.waiting = False
+        if self.state != HTTP or self.http is not http or self.token != token:
+            return
+        try:
+            self.queue(http.respond(resp.status, resp.body, resp.content_type, resp.headers))
+            if not http.next_cycle():
+                self.reason = Closed.HTTP_DONE
+                self._drain()
+                return
+            self.deadline = self.server.loop.now + self.server.config.handshake_timeout
+            self._serve_http(http, None)
+        except Exception as exc:
+            self.server.internal_error(self, exc)
+
     def _upgrade(self, http: HttpExchange, req: HttpRequest) -> None:
         # The perimeter (429/503/403), the upgrade's own validity (400/426), then the token (401),
         # then the 101.
         self.server.admit(self, req)
         checked = check_upgrade(req)
         grant = self.server.authenticate(req)
-        upgrade = http.accept_upgrade(req, checked)
+        upgrade = http.accept_upgrade(req, checked, self.server.upgrade_headers)
         if grant is not None:
             self.grant = grant
             self.server.schedule_expiry(self)

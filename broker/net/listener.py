@@ -32,12 +32,15 @@ class Listener:
         port: int,
         backlog: int,
         on_accept: Callable[[socket.socket, str], None],
+        reuse_port: bool = False,
     ) -> None:
         self.loop = loop
         self.on_accept = on_accept
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # --workers: every worker listens on the port; the kernel spreads them
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.sock.bind((host, port))
         self.sock.listen(backlog)
         self.sock.setblocking(False)

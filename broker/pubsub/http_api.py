@@ -19,6 +19,11 @@ claim matches the topic and `/stats` a token with `"admin": true`: 401 with a `W
 challenge without a valid token, 403 when the token does not allow it. `/metrics` needs the
 `--metrics-token` as a Bearer token when one is set. `/healthz`, `/` and `/client.js` stay open
 (the page asks for a token when /stats refuses it).
+
+With a backplane (`--workers`, `--redis`) `/publish` and `/history` go through the hub and
+`/metrics` may be gathered from every worker (`metrics_source`): `handle` then returns a
+`Deferred`, which the connection answers when it resolves. A publish the backplane cannot take
+now is refused with 503 (and `Retry-After`).
 """
 
 from __future__ import annotations
@@ -47,7 +52,31 @@ class Response(NamedTuple):
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
+class Deferred:
+    """A response that comes later (the backplane answers); the connection sets `callback`."""
+
+    __slots__ = ("callback", "response")
+
+    def __init__(self) -> None:
+        self.callback: Callable[[Response], None] | None = None
+        self.response: Response | None = None
+
+    def resolve(self, response: Response) -> None:
+        if self.callback is None:
+            self.response = response
+        else:
+            self.callback(response)
+
+
+_RETRY = ((b"retry-after", b"1"),)
+
+
+def _unavailable(message: str) -> Response:
+    return _json(503, {"error": message})._replace(headers=_RETRY)
+
+
 JSON_TYPE = b"application/json"
+_METRICS_TYPE = b"text/plain; version=0.0.4"
 _STATIC = {
     "/": ("index.html", b"text/html; charset=utf-8"),
     "/client.js": ("client.js", b"text/javascript; charset=utf-8"),
@@ -85,6 +114,8 @@ class HttpApi:
         metrics_token: str = "",
     ) -> None:
         self.router = router
+        # Set with --workers: gathers every process's metrics and calls back with the text.
+        self.metrics_source: Callable[[Callable[[bytes], None]], None] | None = None
         self.render_metrics = render_metrics
         self.snapshot = snapshot
         self.metrics_token = metrics_token.encode()
@@ -108,13 +139,13 @@ class HttpApi:
             headers = _NO_TOKEN if token is None else _INVALID
             raise HandshakeError(401, f"unauthorized: {exc.reason}", headers) from None
 
-    def handle(self, req: HttpRequest) -> Response:
+    def handle(self, req: HttpRequest) -> Response | Deferred:
         try:
             return self._route(req)
         except HandshakeError as exc:
             return _json(exc.status, {"error": exc.message})._replace(headers=exc.headers)
 
-    def _route(self, req: HttpRequest) -> Response:
+    def _route(self, req: HttpRequest) -> Response | Deferred:
         path = req.path
         method = req.method
         if path.startswith("/publish/"):
@@ -134,7 +165,13 @@ class HttpApi:
                 if given is None or not hmac.compare_digest(given.encode(), self.metrics_token):
                     headers = _NO_TOKEN if given is None else _INVALID
                     return Response(401, b"unauthorized\n", headers=headers)
-            return Response(200, self.render_metrics(), b"text/plain; version=0.0.4")
+            if self.metrics_source is not None:
+                deferred = Deferred()
+                self.metrics_source(
+                    lambda text: deferred.resolve(Response(200, text, _METRICS_TYPE))
+                )
+                return deferred
+            return Response(200, self.render_metrics(), _METRICS_TYPE)
         if path == "/stats":
             grant = self.authenticate(req)
             if grant is not None and not grant.admin:
@@ -156,7 +193,9 @@ class HttpApi:
                 return None
         return self._static[name]
 
-    def _history(self, raw_topic: str, req: HttpRequest, grant: Grant | None) -> Response:
+    def _history(
+        self, raw_topic: str, req: HttpRequest, grant: Grant | None
+    ) -> Response | Deferred:
         try:
             topic = unquote(raw_topic, errors="strict")
             query = _query(req.target)
@@ -175,15 +214,33 @@ class HttpApi:
         if grant is not None and not grant.may_subscribe(req_topic):
             self.router.stats.forbidden["history"] += 1
             return _forbidden("the token does not allow reading this topic")
-        body = self.router.history_body(req_topic, since, limit, Encoding.JSON)
-        try:
-            payload = codec.encode_payload(body, Encoding.JSON)
-        except codec.EncodeError:  # a map with binary keys: no JSON form
-            body["messages"] = [m for m in body["messages"] if _encodable(m)]
-            payload = codec.encode_payload(body, Encoding.JSON)
-        return Response(200, payload, JSON_TYPE, _NO_CACHE)
+        if self.router.backplane is not None:
+            return self._history_remote(req_topic, since, limit)
+        return _history_response(self.router.history_body(req_topic, since, limit, Encoding.JSON))
 
-    def _publish(self, raw_topic: str, req: HttpRequest, grant: Grant | None) -> Response:
+    def _history_remote(self, topic: str, since: Since | None, limit: int) -> Response | Deferred:
+        backplane = self.router.backplane
+        assert backplane is not None
+        deferred = Deferred()
+
+        def done(result: Any) -> None:
+            if isinstance(result, RequestError):
+                deferred.resolve(_unavailable(result.message))
+                return
+            epoch, seq, recovered, found = result
+            body = messages.history_body(epoch, seq, recovered, found, Encoding.JSON)
+            deferred.resolve(_history_response(body))
+
+        try:
+            budget = self.router.config.max_message_size
+            backplane.history(topic, since, limit, budget, done)
+        except RequestError as exc:
+            return _unavailable(exc.message)
+        return deferred
+
+    def _publish(
+        self, raw_topic: str, req: HttpRequest, grant: Grant | None
+    ) -> Response | Deferred:
         try:
             topic = check_topic(unquote(raw_topic, errors="strict"), pattern=False)
         except UnicodeDecodeError:
@@ -204,7 +261,30 @@ class HttpApi:
                 return _error(400, f"invalid body: {exc}")
         else:
             return _error(415, "content-type must be application/json, msgpack or octet-stream")
-        return _json(202, {"delivered": self.router.publish(topic, data, len(req.body))})
+        if self.router.backplane is None:
+            return _json(202, {"delivered": self.router.publish(topic, data, len(req.body))})
+        deferred = Deferred()
+
+        def done(result: Any) -> None:
+            if isinstance(result, RequestError):
+                deferred.resolve(_unavailable(result.message))
+            else:
+                deferred.resolve(_json(202, {"delivered": result[2]}))
+
+        try:
+            self.router.publish_remote(topic, data, len(req.body), done)
+        except RequestError as exc:
+            return _unavailable(exc.message)
+        return deferred
+
+
+def _history_response(body: dict[str, Any]) -> Response:
+    try:
+        payload = codec.encode_payload(body, Encoding.JSON)
+    except codec.EncodeError:  # a map with binary keys: no JSON form
+        body["messages"] = [m for m in body["messages"] if _encodable(m)]
+        payload = codec.encode_payload(body, Encoding.JSON)
+    return Response(200, payload, JSON_TYPE, _NO_CACHE)
 
 
 def _query(target: bytes) -> dict[str, str]:

@@ -26,6 +26,15 @@ live delivery: no gap, no duplicate. A replay that would take the buffer past th
 is not counted as lag: it goes to `session.backlog` (with what `out` held before it), which the
 connection writes first, a chunk per flush as the socket drains, while live frames wait in `out`
 (still counted, so a client that cannot keep up with the live rate is still a slow consumer).
+
+With a backplane (`pubsub/backplane.py`: `--workers N`, `--redis`), `self.backplane` is set and a
+publish, a subscribe to a concrete topic and a `history` request become requests to the hub,
+answered by callbacks: the hub numbers every message and sends it back to each process with a
+matching subscriber (`deliver`, which fans out the frames the hub made). The publish ack then
+waits for the hub's confirmation and its `delivered` counts the subscribers of every process. A
+subscribe to a concrete topic is acked when the hub has answered with its position (and replay):
+the session enters the sublist only then, its topic's live messages buffered meanwhile in a
+`Recovery` (exactly once, in order). Without a backplane (`backplane is None`) none of this runs.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ from broker.auth.tokens import AuthError, TokenVerifier
 from broker.config import Config
 from broker.errors import ErrorCode, RequestError
 from broker.metrics import Stats
-from broker.pubsub.history import Entry, LocalStreams, Streams
+from broker.pubsub.backplane import Backplane, Recovery
+from broker.pubsub.history import Entry, LocalStreams, Streams, Window
 from broker.pubsub.session import Session
 from broker.pubsub.topics import Sublist
 from broker.wire import codec, messages
@@ -63,6 +73,18 @@ def _nothing(session: Session) -> None:
     pass
 
 
+def window_messages(window: Window, budget: int) -> list[tuple[int, Any]]:
+    """(seq, data) of a history window, cut after `budget` bytes (at least one message), so
+    that any client can read the reply; the caller asks again from the last seq it got."""
+    found = []
+    for entry in window.entries:
+        found.append((entry.seq, entry.data))
+        budget -= entry.size
+        if budget <= 0:
+            break
+    return found
+
+
 class Router:
     def __init__(self, config: Config, stats: Stats, verifier: TokenVerifier | None = None) -> None:
         self.config = config
@@ -84,6 +106,7 @@ class Router:
         self.over: list[Session] = []  # sessions that went over the high-water mark
         self.topic_counts: dict[str, int] = {}  # publishes per topic since the last stats tick
         self.now = 0.0  # set by the loop each iteration; the rate limiter's clock
+        self.backplane: Backplane | None = None  # set by the server with --workers/--redis
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -99,6 +122,9 @@ class Router:
                 if grant is not None and not grant.may_publish(req.topic):
                     self._forbid("publish", "publishing to this topic")
                 self._check_rate(session)
+                if self.backplane is not None:
+                    self._publish_remote(session, req, len(payload))
+                    return
                 delivered = self.publish(req.topic, req.data, len(payload))
                 if req.id is not None:
                     self.reply(session, messages.ack(req.id, session.encoding, delivered))
@@ -106,7 +132,10 @@ class Router:
                 grant = session.grant
                 if grant is not None and not grant.may_subscribe(req.topic):
                     self._forbid("subscribe", "subscribing to this pattern")
-                self._subscribe(session, req)
+                if self.backplane is not None:
+                    self._subscribe_remote(session, req)
+                else:
+                    self._subscribe(session, req)
             elif op == PING:
                 self.reply(session, messages.pong(req.id, session.encoding))
             elif op == AUTH:
@@ -116,7 +145,12 @@ class Router:
                 grant = session.grant
                 if grant is not None and not grant.may_subscribe(req.topic):
                     self._forbid("history", "reading this topic")
-                self.reply(session, self.history(req.topic, req.since, req.limit, session, req.id))
+                if self.backplane is not None:
+                    self._history_remote(session, req)
+                else:
+                    self.reply(
+                        session, self.history(req.topic, req.since, req.limit, session, req.id)
+                    )
             else:
                 self.unsubscribe(session, req.topic)
                 self.reply(session, messages.ack(req.id, session.encoding))
@@ -211,7 +245,6 @@ class Router:
         """Queue `entries` right behind what `session` already has: in `out` when they fit under
         the high-water mark, else in the backlog, written first as the socket drains."""
         frames: list[bytes | memoryview] = []
-        size = 0
         make = self.streams.frame
         encoding = session.encoding
         for entry in entries:
@@ -220,9 +253,11 @@ class Router:
                 self.stats.dropped["unencodable"] += 1
                 continue
             frames.append(frame)
-            size += len(frame)
-        if not frames:
-            return
+        if frames:
+            self._queue_replay(session, frames)
+
+    def _queue_replay(self, session: Session, frames: list[bytes | memoryview]) -> None:
+        size = sum(map(len, frames))
         self.stats.replayed += len(frames)
         backlog = session.backlog
         if backlog is None and session.queued + size <= self.config.outbound_high_water:
@@ -260,12 +295,17 @@ class Router:
             raise RequestError(ErrorCode.NOT_FOUND, "not subscribed to that topic")
         session.patterns.discard(pattern)
         self.sublist.remove(pattern, session)
+        if self.backplane is not None:
+            self._forget_remote(session, pattern)
 
     def drop(self, session: Session) -> None:
         """Forget every subscription of a session that is going away."""
         if session.patterns:
+            backplane = self.backplane
             for pattern in session.patterns:
                 self.sublist.remove(pattern, session)
+                if backplane is not None:
+                    self._forget_remote(session, pattern)
         session.patterns = None
 
     # -- publish -------------------------------------------------------------------------------
@@ -276,6 +316,11 @@ class Router:
         """The `history` op's ack (HTTP: `history_body`)."""
         encoding = Encoding.JSON if session is None else session.encoding
         body = self.history_body(topic, since, limit, encoding)
+        return self.history_reply(req_id, encoding, body)
+
+    def history_reply(self, req_id: object, encoding: Encoding, body: dict[str, Any]) -> bytes:
+        """The `history` op's ack around `body`, leaving out messages with no form in
+        `encoding` (as live delivery does)."""
         try:
             return messages.history_ack(req_id, encoding, body)
         except codec.EncodeError:
@@ -299,13 +344,7 @@ class Router:
         read it; the caller asks again from the last seq it got."""
         epoch, seq = (None, 0) if since is None else since
         window = self.streams.since(topic, epoch, seq, limit, self.now)
-        budget = self.config.max_message_size
-        found = []
-        for entry in window.entries:
-            found.append((entry.seq, entry.data))
-            budget -= entry.size
-            if budget <= 0:
-                break
+        found = window_messages(window, self.config.max_message_size)
         return messages.history_body(window.epoch, window.seq, window.recovered, found, encoding)
 
     def publish(self, topic: str, data: Any, size: int = 0) -> int:
@@ -353,3 +392,165 @@ class Router:
         if dropped:
             self.stats.dropped["slow_consumer"] += dropped
         return len(subs) - dropped
+
+    # -- with a backplane (pubsub/backplane.py) ------------------------------------------------
+
+    def _publish_remote(self, session: Session, req: Request, size: int) -> None:
+        """Hand a publish to the hub; acked (with `delivered` over every process) when it is
+        confirmed. Refused at once with `unavailable` when it cannot go."""
+        backplane = self.backplane
+        assert backplane is not None
+        done = None
+        req_id = req.id
+        if req_id is not None:
+
+            def done(result: Any) -> None:
+                encoding = session.encoding
+                if isinstance(result, RequestError):
+                    result.request_id = req_id
+                    self.reply(session, messages.error(result, encoding))
+                else:
+                    self.reply(session, messages.ack(req_id, encoding, result[2]))
+
+        backplane.publish(req.topic, req.data, size, done)
+        self.stats.published += 1
+        counts = self.topic_counts
+        counts[req.topic] = counts.get(req.topic, 0) + 1
+
+    def publish_remote(self, topic: str, data: Any, size: int, done: Any) -> None:
+        """An HTTP publish through the hub; `done` gets (epoch, seq, delivered) or the error."""
+        backplane = self.backplane
+        assert backplane is not None
+        backplane.publish(topic, data, size, done)
+        self.stats.published += 1
+        counts = self.topic_counts
+        counts[topic] = counts.get(topic, 0) + 1
+
+    def _subscribe_remote(self, session: Session, req: Request) -> None:
+        backplane = self.backplane
+        assert backplane is not None
+        topic = req.topic
+        encoding = session.encoding
+        if is_pattern(topic):
+            if self.subscribe(session, topic):
+                backplane.want(topic, encoding)
+            self.reply(session, messages.ack(req.id, encoding))
+            return
+        # Held in `patterns` now (limits, unsubscribe), entered in the sublist on the answer.
+        patterns = session.patterns
+        if patterns is None:
+            patterns = session.patterns = set()
+        added = topic not in patterns
+        if added and len(patterns) >= self.config.max_subscriptions:
+            raise RequestError(
+                ErrorCode.TOO_LARGE,
+                f"too many subscriptions (limit {self.config.max_subscriptions})",
+            )
+        rec = Recovery(session, topic, req.id, req.since, added)
+        if added:
+            patterns.add(topic)
+            backplane.want(topic, encoding)  # before the window: the hub sends what follows
+            backplane.recovering.setdefault(topic, []).append(rec)
+        try:
+            backplane.window(topic, encoding, req.since, lambda result: self._answered(rec, result))
+        except RequestError:
+            if added:
+                self._forget_remote(session, topic)
+                patterns.discard(topic)
+            raise
+
+    def _answered(self, rec: Recovery, result: Any) -> None:
+        """The hub's answer to a subscribe: ack, replay, buffered live messages, then live."""
+        backplane = self.backplane
+        assert backplane is not None
+        topic = rec.topic
+        waiting = backplane.recovering.get(topic)
+        if waiting is not None and rec in waiting:
+            waiting.remove(rec)
+            if not waiting:
+                del backplane.recovering[topic]
+        if rec.cancelled:
+            return
+        session = rec.session
+        encoding = session.encoding
+        if isinstance(result, RequestError):
+            if rec.added and session.patterns is not None:
+                session.patterns.discard(topic)
+                backplane.unwant(topic, encoding)
+            result.request_id = rec.req_id
+            self.reply(session, messages.error(result, encoding))
+            return
+        epoch, seq, recovered, frames = result
+        if rec.since is None:
+            self.reply(session, messages.position_ack(rec.req_id, encoding, epoch, seq))
+        else:
+            recovered = recovered and rec.added
+            self.reply(session, messages.position_ack(rec.req_id, encoding, epoch, seq, recovered))
+            if recovered and frames:
+                self._replay_frames(session, frames)
+        if rec.added:
+            for n, live in rec.buffered:
+                frame = live[encoding]
+                if n > seq and frame is not None:
+                    self._fan_out((session,), frame)
+            self.sublist.insert(topic, session)
+
+    def _replay_frames(self, session: Session, frames: list[bytes | None]) -> None:
+        found: list[bytes | memoryview] = []
+        for frame in frames:
+            if frame is None:
+                self.stats.dropped["unencodable"] += 1
+            else:
+                found.append(frame)
+        if found:
+            self._queue_replay(session, found)
+
+    def _forget_remote(self, session: Session, pattern: str) -> None:
+        """A pattern the session no longer holds: release its interest, cancel its recovery."""
+        backplane = self.backplane
+        assert backplane is not None
+        backplane.unwant(pattern, session.encoding)
+        waiting = backplane.recovering.get(pattern)
+        if waiting:
+            for rec in waiting:
+                if rec.session is session:
+                    rec.cancelled = True
+
+    def _history_remote(self, session: Session, req: Request) -> None:
+        backplane = self.backplane
+        assert backplane is not None
+        req_id = req.id
+
+        def done(result: Any) -> None:
+            encoding = session.encoding
+            if isinstance(result, RequestError):
+                result.request_id = req_id
+                self.reply(session, messages.error(result, encoding))
+                return
+            epoch, seq, recovered, found = result
+            body = messages.history_body(epoch, seq, recovered, found, encoding)
+            self.reply(session, self.history_reply(req_id, encoding, body))
+
+        backplane.history(req.topic, req.since, req.limit, self.config.max_message_size, done)
+
+    def deliver(self, topic: str, seq: int, frames: list[bytes | None]) -> int:
+        """A numbered message from the hub: fan out its frame per encoding (None: no form in
+        that encoding) to the local subscribers; returns how many got it."""
+        backplane = self.backplane
+        if backplane is not None and backplane.recovering:
+            waiting = backplane.recovering.get(topic)
+            if waiting:
+                for rec in waiting:
+                    if rec.added:
+                        rec.buffered.append((seq, frames))
+        delivered = 0
+        for encoding, subs in enumerate(self.sublist.match(topic)):
+            if not subs:
+                continue
+            frame = frames[encoding]
+            if frame is None:
+                self.stats.dropped["unencodable"] += len(subs)
+                continue
+            delivered += self._fan_out(subs, frame)
+        self.stats.delivered += delivered
+        return delivered

@@ -60,7 +60,7 @@ def _tokens(value: bytes) -> list[bytes]:
 class HttpExchange:
     """One HTTP connection: parse requests (bodies capped at `max_body`), write responses."""
 
-    __slots__ = ("_body", "_body_size", "_h11", "_max_body", "_request", "_start")
+    __slots__ = ("_body", "_body_size", "_h11", "_max_body", "_request", "_start", "waiting")
 
     def __init__(self, max_body: int) -> None:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
@@ -71,6 +71,9 @@ class HttpExchange:
         # The first bytes of the request in progress: a request h11 refuses still gets a HEAD
         # answer (no body) when it began with "HEAD ", as its sender will read it that way.
         self._start = b""
+        # A response is owed that the broker's backplane has not answered yet (http_api's
+        # Deferred): pipelined bytes wait in h11 until it is written.
+        self.waiting = False
 
     def receive(self, data: bytes) -> HttpRequest | None:
         """Feed bytes (b"" for EOF); a whole request once one is complete, else None."""
@@ -172,7 +175,10 @@ class HttpExchange:
         return self._h11.their_state is h11.IDLE and not self._h11.trailing_data[0]
 
     def accept_upgrade(
-        self, request: HttpRequest, checked: tuple[bytes, Encoding, str | None] | None = None
+        self,
+        request: HttpRequest,
+        checked: tuple[bytes, Encoding, str | None] | None = None,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
     ) -> Upgrade:
         """Check an upgrade request (RFC 6455 section 4.2.1) and answer it with 101.
 
@@ -186,6 +192,7 @@ class HttpExchange:
         ]
         if subprotocol is not None:
             headers.append((b"sec-websocket-protocol", subprotocol.encode()))
+        headers.extend(extra)
         response = self._h11.send(
             h11.InformationalResponse(
                 status_code=101, headers=headers, reason=b"Switching Protocols"

@@ -1,0 +1,520 @@
+"""The hub of `--workers N`: the parent process numbers, retains and routes every message.
+
+Theory of operation: the parent creates one socketpair per worker before starting it; the worker
+inherits its end (`BROKER_WORKER_FD`). Both ends are non-blocking sockets in each side's epoll
+loop, carrying a stream of msgpack arrays (no length prefix: msgpack's Unpacker finds the
+boundaries). Each side appends what it has to say to one buffer and writes it once at the end
+of the loop iteration, so a burst of publishes crosses in a few large writes.
+
+    worker -> hub                                  hub -> worker
+    ["i", pattern, encoding, add]                  ["m", topic, seq, json, msgpack, ack]
+    ["p", n, topic, data, size]                    ["r", n, result]
+    ["w", n, topic, encoding, epoch|None, seq]     ["c", k]          (send your metrics)
+    ["h", n, topic, epoch|None, seq, limit, budget]
+    ["d", ack, delivered]   (after fanning out a message that carried an ack number)
+    ["g", n]                (gather every process's metrics)
+    ["M", k, text]          (this worker's metrics, for gathering k)
+
+The hub (`Hub`) keeps the positions and history (`LocalStreams`, as a single process does) and
+a `Sublist` of (worker, encoding) targets built from the workers' interest messages: a publish is
+numbered, encoded once per encoding some worker needs (and kept with its history entry), and sent
+once to each worker with a matching subscriber, with the frames that worker needs. A publish
+that wants an ack carries an ack number to each of those workers; each answers with how many it
+delivered to, and the origin's `n` is resolved with the total once all have (or have died).
+Since one socket carries both the messages and the answers, in order, a worker never sees a
+message older than a position it was given after it (backplane.py's recovery buffer stays
+empty of anything newer).
+
+Bounds: a worker that stops reading its socket must not grow the hub without limit: past
+`BUFFER_LIMIT` bytes queued to it, messages to it are dropped and counted
+(`broker_hub_dropped_total`); a worker refuses publishes with `unavailable` when its own buffer
+to the hub is past the same limit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import select
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from broker.config import Config
+from broker.metrics import Stats
+from broker.pubsub.backplane import Backplane
+from broker.pubsub.history import LocalStreams
+from broker.pubsub.router import Router, window_messages
+from broker.pubsub.topics import Sublist
+from broker.wire import codec, messages
+from broker.wire.codec import Encoding
+from broker.wire.messages import Since
+
+log = logging.getLogger("broker.hub")
+
+READ_SIZE = 1 << 20
+BUFFER_LIMIT = 64 << 20
+JSON_EXT = 1  # msgpack extension type: data msgpack cannot carry (an int over 64 bits), as JSON
+GATHER_TIMEOUT = 2.0  # seconds the hub waits for workers' metrics before answering without them
+_WANT = select.EPOLLIN | select.EPOLLRDHUP
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == JSON_EXT:
+        return json.loads(data)
+    return msgpack.ExtType(code, data)
+
+
+def _unpacker() -> msgpack.Unpacker:
+    return msgpack.Unpacker(
+        raw=False,
+        strict_map_key=False,
+        timestamp=0,
+        ext_hook=_ext_hook,
+        max_buffer_size=BUFFER_LIMIT * 2,
+    )
+
+
+def pack(message: list[Any]) -> bytes:
+    """One channel message; data msgpack cannot carry travels as JSON in an extension."""
+    try:
+        return _packb(message)
+    except (OverflowError, ValueError, TypeError):
+        return _packb([_portable(x) for x in message])
+
+
+def _portable(value: Any) -> Any:
+    try:
+        _packb(value)
+    except (OverflowError, ValueError, TypeError):
+        if isinstance(value, list):
+            return [_portable(x) for x in value]
+        return msgpack.ExtType(JSON_EXT, json.dumps(value).encode())
+    return value
+
+
+class Channel:
+    """One end of a socketpair in an epoll loop: buffered writes, flushed once per iteration."""
+
+    def __init__(
+        self, sock: socket.socket, register: Callable[[int, Any, int], int], handler: Any
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.out = bytearray()
+        self.unpacker = _unpacker()
+        self.closed = False
+        self.mask = _WANT
+        self.sent_messages = 0
+        self.received_messages = 0
+        register(self.fd, handler, self.mask)
+
+    def send(self, message: list[Any]) -> None:
+        self.out += pack(message)
+        self.sent_messages += 1
+
+    def read(self) -> list[Any] | None:
+        """The messages one recv brought; None at EOF or on an error."""
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            return None
+        if not data:
+            return None
+        self.unpacker.feed(data)
+        found = list(self.unpacker)
+        self.received_messages += len(found)
+        return found
+
+    def flush(self, modify: Callable[[int, int], None]) -> None:
+        out = self.out
+        if out and not self.closed:
+            try:
+                sent = self.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return  # the reader sees the EOF
+            del out[:sent]
+        mask = _WANT | select.EPOLLOUT if out else _WANT
+        if mask != self.mask and not self.closed:
+            self.mask = mask
+            modify(self.fd, mask)
+
+
+# -- the worker's side ---------------------------------------------------------------------------
+
+
+class HubLink(Backplane):
+    """A worker's backplane: the socket to its parent's hub."""
+
+    def __init__(self, sock: socket.socket, loop: Any, router: Router, stats: Stats) -> None:
+        super().__init__()
+        self.loop = loop
+        self.router = router
+        self.stats = stats
+        self.channel = Channel(sock, self._register, self)
+        self.render_metrics: Callable[[], bytes] = lambda: b""
+        self.on_lost: Callable[[], None] = lambda: None
+        loop.after_events.append(self.flush)
+        self.came_up()
+
+    def _register(self, fd: int, handler: Any, mask: int) -> int:
+        return int(self.loop.register(fd, handler, mask))
+
+    # -- Backplane ---------------------------------------------------------------------------
+
+    def congested(self) -> bool:
+        return len(self.channel.out) > BUFFER_LIMIT
+
+    def buffered_bytes(self) -> int:
+        return len(self.channel.out)
+
+    def send_interest(self, pattern: str, encoding: int, add: bool) -> None:
+        self.channel.send(["i", pattern, encoding, add])
+
+    def send_publish(self, n: int, topic: str, data: Any, size: int) -> None:
+        self.channel.send(["p", n, topic, data, size])
+
+    def send_window(self, n: int, topic: str, encoding: int, since: Since | None) -> None:
+        if since is None:
+            self.channel.send(["w", n, topic, encoding, None, 0])
+        else:
+            self.channel.send(["w", n, topic, encoding, since.epoch, since.seq])
+
+    def send_history(
+        self, n: int, topic: str, since: Since | None, limit: int, budget: int
+    ) -> None:
+        epoch, seq = (None, 0) if since is None else since
+        self.channel.send(["h", n, topic, epoch, seq, limit, budget])
+
+    def gather_metrics(self, done: Callable[[bytes], None]) -> None:
+        """Every process's metrics, labelled by worker (answered by the hub)."""
+        if not self.up:
+            done(self.render_metrics())
+            return
+        n = next(self._numbers)
+        self.pending[n] = lambda result: done(
+            result if isinstance(result, bytes) else self.render_metrics()
+        )
+        self.channel.send(["g", n])
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def on_event(self, mask: int) -> None:
+        channel = self.channel
+        if mask & select.EPOLLOUT:
+            channel.flush(self.loop.modify)
+        if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP):
+            return
+        found = channel.read()
+        if found is None:
+            self._lost()
+            return
+        deliver = self.router.deliver
+        for message in found:
+            kind = message[0]
+            try:
+                if kind == "m":
+                    count = deliver(message[1], message[2], [message[3], message[4]])
+                    if message[5]:
+                        channel.send(["d", message[5], count])
+                elif kind == "r":
+                    self.resolve(message[1], message[2])
+                elif kind == "c":
+                    channel.send(["M", message[1], self.render_metrics()])
+            except Exception:
+                self.stats.internal_errors += 1
+                log.exception("error handling a message from the hub")
+        self.stats.backplane_received = channel.received_messages
+
+    def flush(self) -> None:
+        self.channel.flush(self.loop.modify)
+        self.stats.backplane_sent = self.channel.sent_messages
+
+    def _lost(self) -> None:
+        channel = self.channel
+        if channel.closed:
+            return
+        channel.closed = True
+        self.loop.unregister(channel.fd)
+        channel.sock.close()
+        log.error("lost the hub (the parent process); shutting down")
+        self.went_down()
+        self.on_lost()
+
+
+# -- the parent's side ---------------------------------------------------------------------------
+
+
+class Target:
+    """A (worker, encoding) pair in the hub's sublist."""
+
+    __slots__ = ("encoding", "link")
+
+    def __init__(self, link: WorkerLink, encoding: int) -> None:
+        self.link = link
+        self.encoding = encoding
+
+
+class WorkerLink:
+    """The hub's end of one worker's socketpair."""
+
+    def __init__(self, hub: Hub, index: int, sock: socket.socket) -> None:
+        self.hub = hub
+        self.index = index
+        self.targets = (Target(self, 0), Target(self, 1))
+        self.patterns: set[tuple[str, int]] = set()
+        self.channel = Channel(sock, hub.loop.register, self)
+
+    def on_event(self, mask: int) -> None:
+        if mask & select.EPOLLOUT:
+            self.channel.flush(self.hub.loop.modify)
+        if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP):
+            return
+        found = self.channel.read()
+        if found is None:
+            self.hub.detach(self)
+            return
+        handle = self.hub.handle
+        for message in found:
+            try:
+                handle(self, message)
+            except Exception:
+                self.hub.stats.internal_errors += 1
+                log.exception("error handling a message from worker %d", self.index)
+
+    def send(self, message: list[Any]) -> None:
+        channel = self.channel
+        if len(channel.out) > BUFFER_LIMIT:
+            self.hub.dropped += 1
+            return
+        channel.send(message)
+
+
+class Hub:
+    """The parent's routing state: positions, history, and who wants what."""
+
+    def __init__(self, config: Config, loop: Any, stats: Stats) -> None:
+        self.config = config
+        self.loop = loop
+        self.stats = stats
+        self.streams = LocalStreams(
+            config.history_size,
+            config.history_ttl,
+            config.history_memory,
+            config.seq_topics,
+            stats.history_evictions,
+        )
+        self.sublist: Sublist[Target] = Sublist(
+            lambda t: t.encoding, groups=len(Encoding), cache_size=config.topic_cache_size
+        )
+        self.links: dict[int, WorkerLink] = {}
+        # ack number -> [origin link, n, epoch, seq, workers still to answer, delivered, links]
+        self.acks: dict[int, list[Any]] = {}
+        self._acks = itertools.count(1)
+        # gathering k -> [origin link, n, {worker: text}, workers still to answer, timer]
+        self.gathers: dict[int, list[Any]] = {}
+        self._gathers = itertools.count(1)
+        self.render_own: Callable[[], bytes] = lambda: b""
+        self.on_detach: Callable[[int], None] = lambda index: None
+        self.dropped = 0
+        loop.after_events.append(self.flush)
+        loop.call_later(1.0, self._expire)
+
+    def attach(self, index: int, sock: socket.socket) -> WorkerLink:
+        link = self.links[index] = WorkerLink(self, index, sock)
+        return link
+
+    def detach(self, link: WorkerLink) -> None:
+        """A worker's socket closed (it exited or died): forget its interest and answers."""
+        if self.links.get(link.index) is not link:
+            return
+        del self.links[link.index]
+        channel = link.channel
+        channel.closed = True
+        self.loop.unregister(channel.fd)
+        channel.sock.close()
+        for pattern, encoding in link.patterns:
+            self.sublist.remove(pattern, link.targets[encoding])
+        link.patterns.clear()
+        for number, ack in list(self.acks.items()):
+            if link in ack[6]:
+                ack[6].remove(link)
+                ack[4] -= 1
+                if ack[4] <= 0:
+                    self._acked(number)
+        for k, gather in list(self.gathers.items()):
+            if link.index in gather[3]:
+                gather[3].discard(link.index)
+                if not gather[3]:
+                    self._gathered(k)
+        self.on_detach(link.index)
+
+    def flush(self) -> None:
+        modify = self.loop.modify
+        for link in self.links.values():
+            if link.channel.out:
+                link.channel.flush(modify)
+
+    def _expire(self) -> None:
+        self.streams.expire(self.loop.now)
+        self.loop.call_later(1.0, self._expire)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def handle(self, link: WorkerLink, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == "p":
+            self.publish(link, message[1], message[2], message[3], message[4])
+        elif kind == "d":
+            ack = self.acks.get(message[1])
+            if ack is not None and link in ack[6]:
+                ack[6].remove(link)
+                ack[5] += message[2]
+                ack[4] -= 1
+                if ack[4] <= 0:
+                    self._acked(message[1])
+        elif kind == "i":
+            _, pattern, encoding, add = message
+            key = (pattern, encoding)
+            if add:
+                link.patterns.add(key)
+                self.sublist.insert(pattern, link.targets[encoding])
+            elif key in link.patterns:
+                link.patterns.discard(key)
+                self.sublist.remove(pattern, link.targets[encoding])
+        elif kind == "w":
+            self._window(link, message)
+        elif kind == "h":
+            _, n, topic, epoch, seq, limit, budget = message
+            window = self.streams.since(topic, epoch, seq, limit, self.loop.now)
+            found = window_messages(window, budget)
+            link.send(["r", n, [window.epoch, window.seq, window.recovered, found]])
+        elif kind == "g":
+            self._gather(link, message[1])
+        elif kind == "M":
+            gather = self.gathers.get(message[1])
+            if gather is not None and link.index in gather[3]:
+                gather[2][str(link.index)] = message[2]
+                gather[3].discard(link.index)
+                if not gather[3]:
+                    self._gathered(message[1])
+
+    def publish(self, origin: WorkerLink, n: int, topic: str, data: Any, size: int) -> None:
+        """Number, retain and route one message; `n` > 0 wants the total delivered back."""
+        stats = self.stats
+        stats.published += 1
+        streams = self.streams
+        entry = streams.append(topic, data, size, self.loop.now)
+        seq = entry.seq
+        frames: dict[WorkerLink, list[bytes | None]] = {}
+        for encoding, targets in enumerate(self.sublist.match(topic)):
+            if not targets:
+                continue
+            try:
+                frame: bytes | None = messages.message(topic, data, seq, Encoding(encoding))
+            except codec.EncodeError:
+                frame = None
+            if frame is not None:
+                streams.keep(entry, encoding, frame)
+            for target in targets:
+                slot = frames.get(target.link)
+                if slot is None:
+                    slot = frames[target.link] = [None, None]
+                slot[encoding] = frame
+        ack = 0
+        if n and frames:
+            ack = next(self._acks)
+            epoch = entry.stream.epoch if entry.stream is not None else streams.position(topic)[0]
+            self.acks[ack] = [origin, n, epoch, seq, len(frames), 0, list(frames)]
+        for link, (f0, f1) in frames.items():
+            link.send(["m", topic, seq, f0, f1, ack])
+        stats.delivered += len(frames)  # messages forwarded to workers
+        if n and not frames:
+            epoch = streams.position(topic)[0]
+            origin.send(["r", n, [epoch, seq, 0]])
+
+    def _acked(self, number: int) -> None:
+        origin, n, epoch, seq, _, delivered, _ = self.acks.pop(number)
+        link: WorkerLink = origin
+        if self.links.get(link.index) is link:
+            link.send(["r", n, [epoch, seq, delivered]])
+
+    def _window(self, link: WorkerLink, message: list[Any]) -> None:
+        _, n, topic, encoding, epoch, seq = message
+        streams = self.streams
+        position = streams.position(topic)  # a subscribe creates the topic's stream
+        if epoch is None:
+            link.send(["r", n, [position[0], position[1], False, []]])
+            return
+        window = streams.since(topic, epoch, seq, None, self.loop.now)
+        frames = [streams.frame(e, topic, Encoding(encoding)) for e in window.entries]
+        link.send(["r", n, [window.epoch, window.seq, window.recovered, frames]])
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def _gather(self, origin: WorkerLink, n: int) -> None:
+        k = next(self._gathers)
+        waiting = set(self.links)
+        timer = self.loop.call_later(GATHER_TIMEOUT, lambda: self._gathered(k))
+        self.gathers[k] = [origin, n, {}, waiting, timer]
+        for link in self.links.values():
+            link.send(["c", k])
+
+    def _gathered(self, k: int) -> None:
+        gather = self.gathers.pop(k, None)
+        if gather is None:
+            return
+        origin, n, texts, _, timer = gather
+        timer.cancel()
+        texts["hub"] = self.render_own()
+        link: WorkerLink = origin
+        if self.links.get(link.index) is link:
+            link.send(["r", n, merge_metrics(texts)])
+
+
+def merge_metrics(texts: dict[str, bytes]) -> bytes:
+    """Prometheus texts of several processes as one, each sample labelled `worker="<name>"`.
+
+    The text format wants a family's samples together under one HELP/TYPE, so the texts are
+    split into families (a family starts at its `# HELP` line) and joined family by family."""
+    families: dict[str, list[str]] = {}
+    for worker in sorted(texts, key=lambda w: (not w.isdigit(), int(w) if w.isdigit() else 0)):
+        label = f'worker="{worker}"'
+        current: list[str] | None = None
+        for line in texts[worker].decode().splitlines():
+            if line.startswith("# HELP "):
+                name = line.split(" ", 3)[2]
+                current = families.get(name)
+                if current is None:
+                    current = families[name] = [line]
+                    header = True
+                else:
+                    header = False
+                continue
+            if line.startswith("#"):
+                if current is not None and header and line.startswith("# TYPE "):
+                    current.append(line)
+                continue
+            if current is None or not line:
+                continue
+            brace = line.find("{")
+            space = line.find(" ")
+            if brace != -1 and (space == -1 or brace < space):
+                rest = line[brace + 1 :]
+                comma = "" if rest.startswith("}") else ","
+                current.append(f"{line[: brace + 1]}{label}{comma}{rest}")
+            else:
+                current.append(f"{line[:space]}{{{label}}}{line[space:]}")
+    out = []
+    for lines in families.values():
+        out.extend(lines)
+    return ("\n".join(out) + "\n").encode()

@@ -1,0 +1,251 @@
+"""`broker --workers N`: a parent that supervises N worker processes and is their hub.
+
+Theory of operation: the parent binds the port first (SO_REUSEPORT, not listening: it only
+reserves the number, so `--port 0` works), then starts each worker as `python -m broker` with the
+same flags, its index and its end of a socketpair (`BROKER_WORKER_INDEX`, `BROKER_WORKER_FD`).
+Every worker listens on the port with SO_REUSEPORT, so the kernel spreads connections over them
+by a hash of the 4-tuple, and each worker is a whole broker with its own fd limit (20,000 here):
+N workers hold N times as many sockets. The parent serves no client; its loop runs the hub
+(broker/net/hub.py), which numbers, retains and routes messages between workers.
+
+Supervision: a worker's end of the socketpair closes when it exits, which the hub's loop sees at
+once. A worker that exits while the parent is not stopping is restarted after a back-off that
+doubles with each quick death (one that lived under `STABLE` seconds) up to `MAX_BACKOFF`, and
+counted (`broker_worker_restarts_total`). Its clients reconnect to the others (or to it) and
+recover from the hub's history. SIGTERM/SIGINT are passed to every worker as SIGTERM (each drains
+its clients with 1001); the parent exits 0 once all have exited, killing any still alive after
+--shutdown-timeout plus a grace. SIGHUP is passed on (TLS reload).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from broker.config import Config
+from broker.metrics import Stats
+from broker.net.hub import Hub
+from broker.net.loop import EventLoop
+
+log = logging.getLogger("broker.supervisor")
+
+STABLE = 10.0  # a worker that lived this long resets its back-off
+MAX_BACKOFF = 5.0
+FIRST_BACKOFF = 0.1
+KILL_GRACE = 5.0  # after --shutdown-timeout, then SIGKILL
+REAP_INTERVAL = 0.05
+
+
+def worker_count(cfg: Config) -> int:
+    if cfg.workers > 0:
+        return cfg.workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Worker:
+    __slots__ = ("failures", "index", "proc", "restarts", "started")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.failures = 0  # quick deaths in a row
+        self.restarts = 0
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, argv: Sequence[str], fd_limit: int) -> None:
+        self.config = cfg
+        self.argv = list(argv)
+        self.stats = Stats()
+        self.loop = EventLoop(self.stats, fd_limit)
+        self.hub = Hub(cfg, self.loop, self.stats)
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        # Reserves the port for the workers' listeners (bound, never listening: no connection
+        # is ever queued here).
+        self.reserved = socket.socket(family, socket.SOCK_STREAM)
+        self.reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.reserved.bind((cfg.host, cfg.port))
+        self.port: int = self.reserved.getsockname()[1]
+        self.workers = [Worker(i) for i in range(worker_count(cfg))]
+        self.restarts = 0
+        self.stopping = False
+        self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_HubCollector(self))
+        self.hub.render_own = lambda: generate_latest(self.registry)
+        self.hub.on_detach = self._detached
+        self.loop.on_signal = self._on_signal
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def spawn(self, worker: Worker) -> None:
+        if self.stopping:
+            return
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        env["BROKER_WORKER_INDEX"] = str(worker.index)
+        env["BROKER_WORKER_FD"] = str(theirs.fileno())
+        cmd = [sys.executable, "-m", "broker", *self.argv, "--port", str(self.port)]
+        try:
+            worker.proc = subprocess.Popen(cmd, env=env, pass_fds=(theirs.fileno(),))
+        except OSError as exc:
+            log.error("cannot start worker %d: %s", worker.index, exc)  # noqa: TRY400
+            ours.close()
+            theirs.close()
+            self._schedule_restart(worker)
+            return
+        theirs.close()
+        worker.started = time.monotonic()
+        self.hub.attach(worker.index, ours)
+        log.info("worker %d started, pid %d", worker.index, worker.proc.pid)
+
+    def _detached(self, index: int) -> None:
+        """Worker `index` closed its socket: reap it, then restart it unless stopping."""
+        self._reap(self.workers[index], time.monotonic() + KILL_GRACE)
+
+    def _reap(self, worker: Worker, kill_at: float) -> None:
+        proc = worker.proc
+        if proc is None:
+            return
+        code = proc.poll()
+        if code is None:
+            if time.monotonic() > kill_at:
+                proc.kill()
+            self.loop.call_later(REAP_INTERVAL, lambda: self._reap(worker, kill_at))
+            return
+        worker.proc = None
+        if self.stopping:
+            log.info("worker %d exited (%s)", worker.index, code)
+            if all(w.proc is None for w in self.workers):
+                self.loop.stop()
+            return
+        log.warning("worker %d (pid %d) exited with %s; restarting", worker.index, proc.pid, code)
+        self._schedule_restart(worker)
+
+    def _schedule_restart(self, worker: Worker) -> None:
+        if time.monotonic() - worker.started < STABLE:
+            worker.failures += 1
+        else:
+            worker.failures = 0
+        delay = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** max(0, worker.failures - 1))
+        worker.restarts += 1
+        self.restarts += 1
+        self.loop.call_later(delay, lambda: self.spawn(worker))
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.shutdown()
+        elif signum == signal.SIGHUP:
+            self._signal_all(signal.SIGHUP)
+
+    def _signal_all(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.poll() is None:
+                worker.proc.send_signal(signum)
+
+    def shutdown(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("shutting down: stopping %d workers", len(self.workers))
+        self._signal_all(signal.SIGTERM)
+        kill_at = time.monotonic() + self.config.shutdown_timeout + KILL_GRACE
+        for worker in self.workers:
+            self._reap(worker, kill_at)
+        if all(w.proc is None for w in self.workers):
+            self.loop.stop()
+
+    def run(self) -> int:
+        self.loop.handle_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        for worker in self.workers:
+            self.spawn(worker)
+        log.info(
+            "broker supervising %d workers on %s:%d (ws://%s:%d/ws); pid %d",
+            len(self.workers),
+            self.config.host,
+            self.port,
+            self.config.host,
+            self.port,
+            os.getpid(),
+        )
+        try:
+            self.loop.run()
+        finally:
+            self.reserved.close()
+            self.loop.close()
+        return 0
+
+
+class _HubCollector(Collector):
+    """The parent's own series: workers, restarts, the hub's traffic and the history it holds."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def collect(self) -> Iterator[Metric]:
+        sup = self.sup
+        hub = sup.hub
+        s = sup.stats
+        yield GaugeMetricFamily(
+            "broker_workers",
+            "Worker processes running",
+            value=sum(w.proc is not None for w in sup.workers),
+        )
+        yield CounterMetricFamily(
+            "broker_worker_restarts", "Workers restarted after they died", value=sup.restarts
+        )
+        yield CounterMetricFamily(
+            "broker_hub_messages", "Messages numbered and routed by the hub", value=s.published
+        )
+        yield CounterMetricFamily(
+            "broker_hub_forwarded",
+            "Messages sent to workers (one per message and worker with a subscriber)",
+            value=s.delivered,
+        )
+        yield CounterMetricFamily(
+            "broker_hub_dropped",
+            "Messages not sent to a worker whose buffer was over its bound",
+            value=hub.dropped,
+        )
+        yield GaugeMetricFamily(
+            "broker_hub_buffered_bytes",
+            "Bytes queued by the hub to workers, not yet written",
+            value=sum(len(link.channel.out) for link in hub.links.values()),
+        )
+        streams = hub.streams
+        yield GaugeMetricFamily(
+            "broker_history_topics", "Topics holding history", value=streams.topics
+        )
+        yield GaugeMetricFamily(
+            "broker_history_messages", "Messages held in history", value=streams.messages
+        )
+        yield GaugeMetricFamily(
+            "broker_history_bytes",
+            "Bytes of history, as counted against --history-memory",
+            value=streams.held_bytes,
+        )
+        evictions = CounterMetricFamily(
+            "broker_history_evictions",
+            "Messages removed from history, by reason",
+            labels=["reason"],
+        )
+        for reason, count in s.history_evictions.items():
+            evictions.add_metric([reason], count)
+        yield evictions

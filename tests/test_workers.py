@@ -1,0 +1,318 @@
+"""`broker --workers 3`: clients spread over processes, one hub numbering every message.
+
+Each connection learns its worker from the 101's `x-broker-worker` header; SO_REUSEPORT spreads
+connections by a hash of the 4-tuple, so a test opens connections until every worker holds some
+(bounded). Everything here runs real processes: the supervisor, its workers, real clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from tests.conftest import BrokerProcess
+
+WORKERS = 3
+MAX_TRIES = 200  # connections opened at most to find one on a given worker
+
+
+class Client:
+    def __init__(self, broker: BrokerProcess) -> None:
+        self.stack = contextlib.ExitStack()
+        self.ws: ClientConnection = self.stack.enter_context(
+            connect(broker.url, open_timeout=5, close_timeout=1)
+        )
+        header = self.ws.response.headers.get("x-broker-worker")
+        assert header is not None, "a worker names itself in the 101"
+        self.worker = int(header)
+        self.n = 0
+
+    def request(self, **req: Any) -> dict[str, Any]:
+        """Send a request with a fresh id and return its answer (messages before it are kept)."""
+        self.n += 1
+        req["id"] = self.n
+        self.ws.send(json.dumps(req))
+        while True:
+            reply = self.recv()
+            if reply.get("id") == self.n:
+                return reply
+            self.early.append(reply)
+
+    early: list[dict[str, Any]]
+
+    def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.ws.recv(timeout))
+        return value
+
+    def messages(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """`count` deliveries (those that came before a reply first), bounded in time."""
+        found = [m for m in self.early if m.get("op") == "message"]
+        self.early = []
+        deadline = time.monotonic() + timeout
+        while len(found) < count:
+            left = deadline - time.monotonic()
+            assert left > 0, f"got {len(found)} of {count} messages"
+            found.append(self.recv(left))
+        return found
+
+    def quiet(self, wait: float = 0.3) -> bool:
+        """Nothing more arrives within `wait` seconds."""
+        try:
+            extra = self.ws.recv(wait)
+        except TimeoutError:
+            return True
+        raise AssertionError(f"unexpected extra frame: {extra!r}")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stack.close()
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[[BrokerProcess], Client]]:
+    opened: list[Client] = []
+
+    def open_client(broker: BrokerProcess) -> Client:
+        c = Client(broker)
+        c.early = []
+        opened.append(c)
+        return c
+
+    yield open_client
+    for c in opened:
+        c.close()
+
+
+def on_worker(
+    open_client: Callable[[BrokerProcess], Client], broker: BrokerProcess, worker: int
+) -> Client:
+    """A connection held by `worker` (others opened on the way are closed)."""
+    for _ in range(MAX_TRIES):
+        c = open_client(broker)
+        if c.worker == worker:
+            return c
+        c.close()
+    raise AssertionError(f"no connection landed on worker {worker} in {MAX_TRIES} tries")
+
+
+def spread(
+    open_client: Callable[[BrokerProcess], Client], broker: BrokerProcess, per_worker: int
+) -> list[Client]:
+    """`per_worker` connections on each worker."""
+    by_worker: dict[int, list[Client]] = {w: [] for w in range(WORKERS)}
+    for _ in range(MAX_TRIES):
+        c = open_client(broker)
+        if len(by_worker[c.worker]) < per_worker:
+            by_worker[c.worker].append(c)
+        else:
+            c.close()
+        if all(len(v) == per_worker for v in by_worker.values()):
+            return [c for v in by_worker.values() for c in v]
+    raise AssertionError(f"connections per worker: { {w: len(v) for w, v in by_worker.items()} }")
+
+
+def http(broker: BrokerProcess, path: str, body: bytes | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(
+        broker.http + path,
+        data=body,
+        method="GET" if body is None else "POST",
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            raw = r.read()
+            status = r.status
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        status = exc.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode()
+
+
+def worker_pids(broker: BrokerProcess) -> set[int]:
+    with open(f"/proc/{broker.pid}/task/{broker.pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def worker_pid(broker: BrokerProcess, index: int) -> int:
+    for pid in worker_pids(broker):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        if env.get(b"BROKER_WORKER_INDEX") == str(index).encode():
+            return pid
+    raise AssertionError(f"no process for worker {index}")
+
+
+@pytest.fixture
+def workers(broker_factory: Callable[..., BrokerProcess]) -> BrokerProcess:
+    return broker_factory("--workers", str(WORKERS), "--shutdown-timeout", "3")
+
+
+def test_every_subscriber_on_every_worker_gets_each_message_once_with_one_seq(
+    workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    subs = spread(clients, workers, per_worker=2)
+    exact = subs[::2]  # one per worker on the topic, one per worker on a wildcard
+    wild = subs[1::2]
+    positions = {
+        json.dumps([r["epoch"], r["seq"]])
+        for r in (c.request(op="subscribe", topic="w.t") for c in exact)
+    }
+    assert len(positions) == 1, "every worker acks the same position"
+    for c in wild:
+        assert c.request(op="subscribe", topic="w.*") == {"op": "ack", "id": c.n}
+    # A subscriber holding both the topic and a wildcard still gets each message once.
+    assert exact[0].request(op="subscribe", topic="w.>") == {"op": "ack", "id": exact[0].n}
+    pubs = spread(clients, workers, per_worker=1)
+    total = 30
+    for i in range(total):
+        p = pubs[i % WORKERS]
+        reply = p.request(op="publish", topic="w.t", data={"i": i})
+        assert reply == {"op": "ack", "id": p.n, "delivered": len(subs)}
+    seqs: dict[int, int] = {}
+    for c in subs:
+        got = c.messages(total)
+        assert [m["data"]["i"] for m in got] == list(range(total)), "in order, no gap"
+        for m in got:
+            assert seqs.setdefault(m["data"]["i"], m["seq"]) == m["seq"], "one seq per message"
+        assert c.quiet()
+    assert sorted(seqs.values()) == list(range(1, total + 1))
+
+
+def test_a_wildcard_on_one_worker_sees_topics_published_on_the_others(
+    workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    watcher = on_worker(clients, workers, 0)
+    watcher.request(op="subscribe", topic="room.>")
+    p1 = on_worker(clients, workers, 1)
+    p2 = on_worker(clients, workers, 2)
+    p1.request(op="publish", topic="room.a.b", data=1)
+    p2.request(op="publish", topic="room.c", data=2)
+    p1.request(op="publish", topic="other.c", data=3)
+    got = watcher.messages(2)
+    assert [(m["topic"], m["data"], m["seq"]) for m in got] == [
+        ("room.a.b", 1, 1),
+        ("room.c", 2, 1),
+    ]
+    assert watcher.quiet()
+
+
+def test_a_client_recovers_on_another_worker(
+    workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    first = on_worker(clients, workers, 0)
+    ack = first.request(op="subscribe", topic="r.t")
+    publisher = on_worker(clients, workers, 2)
+    publisher.request(op="publish", topic="r.t", data="a")
+    assert first.messages(1)[0]["seq"] == ack["seq"] + 1
+    first.close()
+    for data in ("b", "c", "d"):
+        publisher.request(op="publish", topic="r.t", data=data)
+    again = on_worker(clients, workers, 1)
+    since = {"epoch": ack["epoch"], "seq": ack["seq"] + 1}
+    reply = again.request(op="subscribe", topic="r.t", since=since)
+    assert reply["recovered"] is True and reply["seq"] == ack["seq"] + 4
+    publisher.request(op="publish", topic="r.t", data="e")
+    got = again.messages(4)
+    assert [(m["data"], m["seq"]) for m in got] == [("b", 2), ("c", 3), ("d", 4), ("e", 5)]
+    assert again.quiet()
+
+
+def test_http_publish_and_history_go_through_the_hub(
+    workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    subs = spread(clients, workers, per_worker=1)
+    for c in subs:
+        c.request(op="subscribe", topic="h.t")
+    for i in range(6):  # fresh HTTP connections: spread over the workers too
+        assert http(workers, "/publish/h.t", json.dumps(i).encode()) == (202, {"delivered": 3})
+    for c in subs:
+        assert [m["data"] for m in c.messages(6)] == list(range(6))
+    for _ in range(3):
+        status, body = http(workers, "/history/h.t?limit=4")
+        assert status == 200
+        assert [m["seq"] for m in body["messages"]] == [1, 2, 3, 4]
+    history = subs[0].request(op="history", topic="h.t", since={"epoch": body["epoch"], "seq": 4})
+    assert history["recovered"] is True
+    assert [m["data"] for m in history["messages"]] == [4, 5]
+
+
+def test_metrics_are_gathered_from_every_worker(
+    workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    pubs = spread(clients, workers, per_worker=1)
+    for p in pubs:
+        p.request(op="publish", topic="m.t", data=1)
+    for _ in range(3):  # whichever worker answers, the same series
+        status, text = http(workers, "/metrics")
+        assert status == 200
+        published = {
+            line.split("{")[1].split("}")[0]: float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("broker_messages_published_total{")
+        }
+        assert published == {'worker="0"': 1.0, 'worker="1"': 1.0, 'worker="2"': 1.0}
+        assert 'broker_workers{worker="hub"} 3.0' in text
+        assert 'broker_backplane_up{worker="1"} 1.0' in text
+        assert 'process_resident_memory_bytes{worker="hub"}' in text
+
+
+def test_a_killed_worker_is_restarted_and_its_clients_recover(
+    workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    victim = on_worker(clients, workers, 1)
+    ack = victim.request(op="subscribe", topic="k.t")
+    publisher = on_worker(clients, workers, 0)
+    old = worker_pid(workers, 1)
+    os.kill(old, signal.SIGKILL)
+    with pytest.raises(ConnectionClosed):
+        victim.recv(5)
+    for data in range(3):
+        publisher.request(op="publish", topic="k.t", data=data)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(AssertionError, FileNotFoundError, OSError):
+            if worker_pid(workers, 1) != old:
+                break
+        time.sleep(0.05)
+    assert worker_pid(workers, 1) != old
+    again = on_worker(clients, workers, 1)  # the restarted worker
+    reply = again.request(op="subscribe", topic="k.t", since={"epoch": ack["epoch"], "seq": 0})
+    assert reply["recovered"] is True
+    assert [m["data"] for m in again.messages(3)] == [0, 1, 2]
+    assert workers.wait_metric("broker_worker_restarts_total", 'worker="hub"', equals=1) == 1
+
+
+def test_sigterm_drains_every_worker_and_the_parent_exits_0(
+    workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    subs = spread(clients, workers, per_worker=1)
+    pids = worker_pids(workers)
+    assert len(pids) == WORKERS
+    assert workers.terminate(timeout=15) == 0
+    for c in subs:
+        with pytest.raises(ConnectionClosed) as info:
+            c.recv(5)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or _zombie_or_gone(pid)
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
