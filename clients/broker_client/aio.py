@@ -170,6 +170,8 @@ class AsyncClient(ClientBase):
         ws = self._ws
         if ws is not None:
             await ws.close()
+        if self._refresher is not None:
+            self._refresher.cancel()  # it may be awaiting a slow token callback: do not wait
         for task in (self._runner, self._refresher):
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
