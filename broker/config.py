@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-SlowConsumerPolicy = Literal["disconnect", "drop"]
+SlowConsumerPolicy = Literal["disconnect", "drop", "conflate"]
+OVERFLOW_POLICIES = ("disconnect", "drop", "conflate")
 PollerName = Literal["epoll", "poll", "select"]  # broker/net/pollers.py
 LogFormat = Literal["text", "json"]
 
@@ -35,7 +36,9 @@ class Config:
         1 << 20, "bytes queued to one connection before it is a slow consumer"
     )
     slow_consumer_policy: SlowConsumerPolicy = _opt(
-        "disconnect", "what to do with a slow consumer", choices=("disconnect", "drop")
+        "disconnect",
+        "what a connection over --outbound-high-water gets for topics no --overflow names",
+        choices=OVERFLOW_POLICIES,
     )
     publish_rate: float = _opt(0.0, "publishes per second per connection; 0 = unlimited")
     publish_burst: int = _opt(1000, "burst allowed above --publish-rate")
@@ -100,6 +103,15 @@ class Config:
     auth_leeway: float = _opt(5.0, "seconds of clock skew allowed on exp and nbf")
     metrics_token: str = _opt("", "bearer token GET /metrics requires; empty = /metrics open")
     metrics_token_file: str = _opt("", "file holding the --metrics-token (read at start)")
+    # -- overflow (per topic pattern; docs/design.md "Overflow policies") --
+    overflow: tuple[str, ...] = _opt(
+        (),
+        "PATTERN=POLICY (disconnect, drop, conflate): what a connection over the high-water mark "
+        "gets for topics PATTERN matches; repeatable; the most specific pattern wins (fewer "
+        "wildcards, then more tokens, then * before >, then the first given); env: a comma- or "
+        "space-separated list",
+        metavar="PATTERN=POLICY",
+    )
 
 
 def _flag(name: str) -> str:
@@ -107,6 +119,8 @@ def _flag(name: str) -> str:
 
 
 def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    if isinstance(f.default, tuple):  # a list-valued flag: its variable is a list too
+        return tuple(item for item in raw.replace(",", " ").split() if item)
     kind: Any = type(f.default)
     value = kind(raw)
     choices = f.metadata.get("choices")
@@ -123,24 +137,41 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         description="WebSocket pub/sub broker. Every flag can also be set as BROKER_<FLAG>.",
     )
     values: dict[str, Any] = {}
+    lists: dict[str, tuple[str, ...]] = {}
     for f in dataclasses.fields(Config):
         env_name = "BROKER_" + f.name.upper()
-        default = f.default
+        default: Any = f.default
         if env_name in environ:
             try:
                 default = _convert(f, environ[env_name])
             except ValueError as exc:
                 parser.error(f"{env_name}: {exc}")
+        help_text = f"{f.metadata['help']} (default {f.default}; env {env_name})"
+        if isinstance(f.default, tuple):
+            # Repeatable; given on the command line, the flags replace the variable's list.
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                action="append",
+                default=None,
+                metavar=f.metadata.get("metavar"),
+                help=help_text,
+            )
+            lists[f.name] = tuple(default)
+            continue
         parser.add_argument(
             _flag(f.name),
             dest=f.name,
             type=type(f.default),
             default=default,
             choices=f.metadata.get("choices"),
-            help=f"{f.metadata['help']} (default {f.default}; env {env_name})",
+            help=help_text,
         )
     ns = parser.parse_args(argv)
     values = vars(ns)
+    for name, from_env in lists.items():
+        given = values[name]
+        values[name] = tuple(given) if given is not None else from_env
     config = Config(**values)
     problems = validate(config)
     if problems:
@@ -180,4 +211,29 @@ def validate(config: Config) -> list[str]:
         problems.append("workers cannot be negative")
     if config.history_memory < 1 or config.seq_topics < 1:
         problems.append("history_memory and seq_topics must be positive")
+    # -- overflow --
+    for rule in config.overflow:
+        try:
+            parse_overflow(rule)
+        except ValueError as exc:
+            problems.append(f"--overflow {rule!r}: {exc}")
     return problems
+
+
+def parse_overflow(rule: str) -> tuple[str, str]:
+    """`PATTERN=POLICY` -> (pattern, policy); ValueError says what is wrong. The pattern follows
+    the subscribe rules (dot-separated non-empty tokens; `*` a whole token; `>` the last one)."""
+    pattern, sep, policy = rule.rpartition("=")
+    if not sep or not pattern:
+        raise ValueError("expected PATTERN=POLICY")
+    if policy not in OVERFLOW_POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(OVERFLOW_POLICIES)}, not {policy!r}")
+    tokens = pattern.split(".")
+    for i, token in enumerate(tokens):
+        if not token or token.strip() != token:
+            raise ValueError("empty token or spaces in the pattern")
+        if ("*" in token or ">" in token) and token not in ("*", ">"):
+            raise ValueError("a wildcard is a whole token")
+        if token == ">" and i != len(tokens) - 1:
+            raise ValueError("> must be the last token")
+    return pattern, policy

@@ -38,7 +38,13 @@ EVENTS_BUCKETS = 12
 # (1 us) to 2**30 ns (1.07 s) and fold the rest into the ends.
 ITER_MIN_BIT, ITER_MAX_BIT = 10, 30
 
-DROP_REASONS = ("slow_consumer", "unencodable", "rate_limited")
+# Queue age at flush in us: bucket i holds us.bit_length() == i; exported from 2**7 us (128 us)
+# to 2**26 us (67 s), the rest folded into the ends.
+AGE_MIN_BIT, AGE_MAX_BIT = 7, 26
+
+# "conflated": a frame replaced by a newer one of its topic in a backed-up connection's queue.
+DROP_REASONS = ("slow_consumer", "conflated", "unencodable", "rate_limited")
+OVERFLOW_POLICIES = ("disconnect", "drop", "conflate")  # broker.config.OVERFLOW_POLICIES
 # Why a TLS handshake failed (broker/net/tls.py `failure_reason` picks one).
 TLS_FAILURE_REASONS = ("plain_http", "protocol", "peer_alert", "timeout", "eof", "other")
 REFUSE_REASONS = ("origin", "per_ip", "rate")  # broker.auth.perimeter.REASONS
@@ -73,7 +79,14 @@ class Stats:
         self.bytes_sent = 0
         self.backpressure = 0
         self.sends = 0
-        self.slow_consumers = 0
+        # Episodes of a connection over the high-water mark, by the policy applied (each policy
+        # once per episode).
+        self.slow_consumers = dict.fromkeys(OVERFLOW_POLICIES, 0)
+        self.queue_age = [0] * (AGE_MAX_BIT + 2)  # flushes that emptied a buffer, by age
+        self.queue_age_sum = 0.0
+        # Flushes that left bytes unsent or timed a backlog's age; the others are timed in bulk
+        # (server._end_of_iteration).
+        self.timed_flushes = 0
         self.internal_errors = 0
         self.tls_handshakes = 0
         self.tls_failures = dict.fromkeys(TLS_FAILURE_REASONS, 0)
@@ -92,6 +105,11 @@ class Stats:
         self.epoll_waits += 1
         self.events_per_wait[min(n.bit_length(), EVENTS_BUCKETS - 1)] += 1
         self.events_sum += n
+
+    def record_queue_age(self, seconds: float, n: int = 1) -> None:
+        """`n` flushes emptied buffers whose oldest frame had waited `seconds`."""
+        self.queue_age[min(int(seconds * 1e6).bit_length(), AGE_MAX_BIT + 1)] += n
+        self.queue_age_sum += seconds * n
 
     def record_iteration(self, ns: int) -> None:
         self.iter_buckets[min(ns.bit_length(), ITER_MAX_BIT + 1)] += 1
@@ -175,10 +193,21 @@ class BrokerCollector(Collector):
             "send() calls on client sockets; deliveries per send shows write coalescing",
             s.sends,
         )
-        yield _counter(
+        slow = CounterMetricFamily(
             "broker_slow_consumers",
-            "Connections found over the outbound high-water mark",
-            s.slow_consumers,
+            "Connections found over the outbound high-water mark, by the overflow policy applied",
+            labels=["policy"],
+        )
+        for policy, count in s.slow_consumers.items():
+            slow.add_metric([policy], count)
+        yield slow
+        ages = [sum(s.queue_age[: AGE_MIN_BIT + 1]), *s.queue_age[AGE_MIN_BIT + 1 :]]
+        yield _histogram(
+            "broker_queue_age_seconds",
+            "Age of the oldest queued frame when a flush emptied a connection's buffer",
+            [(repr(2 ** (AGE_MIN_BIT + i) / 1e6), c) for i, c in enumerate(ages[:-1])],
+            ages[-1],
+            s.queue_age_sum,
         )
         yield _counter(
             "broker_internal_errors", "Bugs caught while serving one connection", s.internal_errors
@@ -264,6 +293,8 @@ _GAUGE_HELP = {
     "broker_history_topics": "Topics holding history",
     "broker_history_messages": "Messages held in history",
     "broker_history_bytes": "Bytes of history, as counted against --history-memory",
+    "broker_max_connections": "The connection limit (--max-connections or the open-files limit)",
+    "broker_conflated_bytes": "Bytes held as the newest frame per topic for backed-up connections",
 }
 
 

@@ -27,7 +27,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from broker import __version__, config
@@ -54,6 +54,7 @@ FD_RESERVE = 32  # descriptors kept for the listener, epoll, logs and /proc read
 SWEEP_INTERVAL = 1.0
 INTERNAL_ERROR_LOGS_PER_MINUTE = 10
 MAX_EXPIRY_DELAY = 10 * 365 * 86400.0  # later than this is never, for the loop's timer
+DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT = 20, 10_000  # GET /connections and /topics ?limit=
 
 
 def metrics_token(cfg: Config) -> str:
@@ -104,7 +105,11 @@ class Server:
         self.router.on_grant = self.schedule_expiry
         self.registry = make_registry(self.stats, self.gauges)
         self.api = HttpApi(
-            self.router, lambda: render(self.registry), self.snapshot, metrics_token(cfg)
+            self.router,
+            lambda: render(self.registry),
+            self.snapshot,
+            metrics_token(cfg),
+            views={"/connections": self.connection_list, "/topics": self.topic_list},
         )
         self._expiries: list[tuple[float, int, int, Grant]] = []
         self._expiry_seq = itertools.count()
@@ -129,6 +134,8 @@ class Server:
         self._error_log_times: list[float] = []
         self._rates: dict[str, Any] = {"published_per_s": 0.0, "delivered_per_s": 0.0}
         self._busiest: list[dict[str, Any]] = []
+        # Publishes per topic in the last stats tick (at most router.TOPIC_RATES_MAX topics).
+        self._topic_rates: tuple[dict[str, int], float] = ({}, 1.0)
         self._last_tick = (time.monotonic(), 0, 0)
         self.loop.after_events.append(self._end_of_iteration)
         self.loop.on_signal = self._on_signal
@@ -267,19 +274,24 @@ class Server:
     def _end_of_iteration(self) -> None:
         router = self.router
         router.now = self.loop.now
-        if router.over:
+        if router.over:  # slow consumers whose policy is disconnect (counted by the router)
             over, router.over = router.over, []
             for session in over:
-                self.stats.slow_consumers += 1
-                if self.config.slow_consumer_policy == "disconnect" and isinstance(
-                    session, Connection
-                ):
+                if isinstance(session, Connection):
                     session.close(Closed.SLOW_CONSUMER, "slow consumer")
         dirty = router.dirty
         if dirty:
             router.dirty = []
+            stats = self.stats
+            timed = stats.timed_flushes
             for session in dirty:
                 session.flush()  # type: ignore[attr-defined]
+            # Every buffer here filled during this iteration; those the flush emptied (all but
+            # the few that timed themselves) waited at most since the iteration began: one
+            # clock read times them all (broker_queue_age_seconds), nothing per connection.
+            at_once = len(dirty) - (stats.timed_flushes - timed)
+            if at_once > 0:
+                stats.record_queue_age(time.monotonic() - self.loop.now, at_once)
         if self.stopping and self.connections == 0:
             self.loop.stop()
 
@@ -326,6 +338,7 @@ class Server:
         counts, self.router.topic_counts = self.router.topic_counts, {}
         top = heapq.nlargest(10, counts.items(), key=lambda kv: kv[1])
         self._busiest = [{"topic": t, "per_s": n / elapsed} for t, n in top]
+        self._topic_rates = (counts, elapsed)
         self._last_tick = (now, s.published, s.delivered)
 
     # -- introspection -------------------------------------------------------------------------
@@ -340,8 +353,51 @@ class Server:
             "broker_subscriptions": self.router.sublist.subscriptions,
             "broker_topics": self.router.sublist.patterns,
             "broker_outbound_queued_bytes": sum(c.queued for c in self._connections()),
+            "broker_conflated_bytes": sum(
+                c.conflated.size for c in self._connections() if c.conflated is not None
+            ),
+            "broker_max_connections": self.max_connections,
             "broker_uptime_seconds": time.time() - self.stats.started,
         }
+
+    def connection_list(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """GET /connections: the WebSocket connections that lag most (or are oldest, or lost the
+        most), `limit` of them; ValueError for a bad parameter (400). One walk of the table."""
+        sort = params.get("sort", "lag")
+        key = _CONNECTION_SORTS.get(sort)
+        if key is None:
+            raise ValueError(f"sort must be one of {', '.join(_CONNECTION_SORTS)}")
+        limit = _limit(params)
+        now = self.loop.now
+        conns = [c for c in self._connections() if c.state in (OPEN, CLOSING)]
+        top = heapq.nlargest(limit, conns, key=lambda c: key(c, now))
+        wall = time.time()
+        return {
+            "total": len(conns),
+            "sort": sort,
+            "connections": [_describe(c, now, wall) for c in top],
+        }
+
+    def topic_list(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """GET /topics: the busiest topics of the last stats tick (sort=rate) or the patterns
+        most subscribed (sort=subscribers); ValueError for a bad parameter (400)."""
+        sort = params.get("sort", "rate")
+        limit = _limit(params)
+        counts, elapsed = self._topic_rates
+        sublist = self.router.sublist
+        if sort == "rate":
+            top = heapq.nlargest(limit, counts.items(), key=lambda kv: kv[1])
+            topics = [
+                {"topic": t, "rate": n / elapsed, "subscribers": sublist.count(t)} for t, n in top
+            ]
+        elif sort == "subscribers":
+            most = heapq.nlargest(limit, sublist.counts(), key=lambda pn: pn[1])
+            topics = [
+                {"topic": p, "rate": counts.get(p, 0) / elapsed, "subscribers": n} for p, n in most
+            ]
+        else:
+            raise ValueError("sort must be one of rate, subscribers")
+        return {"sort": sort, "interval_s": elapsed, "topics": topics}
 
     def snapshot(self) -> dict[str, Any]:
         """The JSON behind GET /stats and the live page."""
@@ -412,6 +468,46 @@ class Server:
         finally:
             self.listener.close()
             self.loop.close()
+
+
+def _limit(params: Mapping[str, str]) -> int:
+    raw = params.get("limit", str(DEFAULT_LIST_LIMIT))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+        raise ValueError(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
+    return int(raw)
+
+
+def _queue_age(conn: Connection, now: float) -> float:
+    return now - conn.since if conn.since and conn.queued else 0.0
+
+
+_CONNECTION_SORTS: dict[str, Callable[[Connection, float], Any]] = {
+    # How long the oldest queued frame has waited, then how much is queued.
+    "lag": lambda c, now: (_queue_age(c, now), c.queued),
+    "age": lambda c, now: now - c.connected,
+    "dropped": lambda c, now: (c.dropped, c.queued),
+}
+
+
+def _describe(conn: Connection, now: float, wall: float) -> dict[str, Any]:
+    grant = conn.grant
+    conflated = conn.conflated
+    return {
+        "id": conn.token,
+        "remote": conn.peer,
+        "user": grant.sub if grant is not None else None,
+        "connected_at": wall - (now - conn.connected),
+        "connected_s": now - conn.connected,
+        "encoding": conn.encoding.name.lower(),
+        "subscriptions": len(conn.patterns or ()),
+        "queued_bytes": conn.queued,
+        "queued_frames": len(conn.out),
+        "queue_age_s": _queue_age(conn, now),
+        "conflated_topics": len(conflated.frames) if conflated is not None else 0,
+        "dropped": conn.dropped,
+        "slow": bool(conn.slow),
+        "state": "open" if conn.state == OPEN else "closing",
+    }
 
 
 class _Tag(logging.Filter):

@@ -95,7 +95,7 @@ def test_slow_consumer_beside_normal_subscribers(
         t.join(60)
     for seqs in results:
         assert seqs == list(range(1, count + 1)), "normal subscribers get everything, in order"
-    assert broker.metric("broker_slow_consumers_total") == 1
+    assert broker.metric("broker_slow_consumers_total", f'policy="{policy}"') == 1
     assert broker.metric("broker_messages_dropped_total", 'reason="slow_consumer"') > 0
     assert broker.metric("broker_outbound_queued_bytes") <= 65536 + 2 * size
     assert rss_bytes(broker.pid) - rss_before < 20 * 1024 * 1024, "memory stays bounded"

@@ -288,11 +288,20 @@ COUNTERS = {
 }
 
 
+def _summed(samples: dict[str, float], name: str) -> float | None:
+    """A counter's value, summed over its labels (broker_slow_consumers_total{policy=...})."""
+    if name in samples:
+        return samples[name]
+    values = [v for k, v in samples.items() if k.startswith(name + "{")]
+    return sum(values) if values else None
+
+
 def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, Number]:
     out: dict[str, Number] = {}
     for label, name in COUNTERS.items():
-        if name in before and name in after:
-            out[label] = int(after[name] - before[name])
+        first, last = _summed(before, name), _summed(after, name)
+        if first is not None and last is not None:
+            out[label] = int(last - first)
     return out
 
 

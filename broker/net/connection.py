@@ -55,6 +55,7 @@ _CLOSE = ((b"connection", b"close"),)
 
 class Connection(Session):
     __slots__ = (
+        "connected",
         "counted",
         "deadline",
         "fd",
@@ -85,6 +86,7 @@ class Connection(Session):
         self.http: HttpExchange | None = HttpExchange(server.config.max_http_body)
         self.mask = READING
         self.last_rx = now
+        self.connected: float = now  # loop time of the accept (the same float object as last_rx's)
         self.pinged = False
         self.deadline = now + server.config.handshake_timeout
         self.partial: Message | None = None  # a fragmented message being reassembled
@@ -298,10 +300,11 @@ class Connection(Session):
         if sent == len(data):
             out.clear()
             self.queued = 0
-            self.slow = False
+            if self.since:
+                self._caught_up()  # it had a backlog (may queue its conflated frames again)
             if self.mask == READING and self.state == OPEN:
                 return  # the steady state: nothing to change (the common case, kept cheap)
-            if self.state == DRAINING:
+            if self.state == DRAINING and not self.queued:
                 self._linger()
                 return
         else:
@@ -309,8 +312,7 @@ class Connection(Session):
             rest = memoryview(data)[sent:]
             out[:] = [rest]
             self.queued = len(rest)
-            if self.slow and self.queued <= self.server.config.outbound_high_water // 2:
-                self.slow = False
+            self._backlogged()
         self.update_interest()
 
     def _send(self, data: bytes | memoryview) -> int:
@@ -352,6 +354,40 @@ class Connection(Session):
                 return False
         self.update_interest()
         return False
+
+    def _backlogged(self) -> None:
+        """A flush left bytes unsent (plain and TLS): stamp the backlog's start, leave the slow
+        state below half the mark, and queue conflated frames once under the mark."""
+        server = self.server
+        server.stats.timed_flushes += 1
+        if not self.since:
+            self.since = server.loop.now
+        high_water = server.config.outbound_high_water
+        if self.slow and self.queued <= high_water // 2:
+            self.slow = 0
+        if self.conflated is not None and self.queued <= high_water:
+            self._release()
+
+    def _caught_up(self) -> None:
+        """A flush emptied a buffer that had a backlog: record its age, or queue the conflated
+        frames it holds (the backlog goes on: they waited too)."""
+        server = self.server
+        if self.conflated is not None:
+            self._release()
+            if self.queued:
+                self.update_interest()
+                return
+        stats = server.stats
+        stats.timed_flushes += 1
+        stats.record_queue_age(server.loop.now - self.since)
+        self.since = 0.0
+        self.slow = 0
+
+    def _release(self) -> None:
+        if self.state == OPEN:
+            self.server.router.release(self)
+        else:
+            self.conflated = None
 
     def update_interest(self) -> None:
         """Ask epoll for what this state needs; `modify` only when it changed. Reading waits

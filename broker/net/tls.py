@@ -265,18 +265,18 @@ class TlsConnection(Connection):
             self.cipher = b""
             self.queued = sum(map(len, out))  # frames a write could not take yet, if any
             if not self.queued:
-                self.slow = False
+                if self.since:
+                    self._caught_up()  # it had a backlog (may queue its conflated frames again)
                 if self.mask == READING and self.state == OPEN:
                     return
-                if self.state == DRAINING:
+                if self.state == DRAINING and not self.queued:
                     self._linger()
                     return
         else:
             rest = memoryview(pending)[sent:]
             self.cipher = rest
             self.queued = len(rest) + sum(map(len, out))
-            if self.slow and self.queued <= self.server.config.outbound_high_water // 2:
-                self.slow = False
+            self._backlogged()
         self.update_interest()
 
     def _flush_backlog(self) -> bool:

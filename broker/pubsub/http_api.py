@@ -7,6 +7,8 @@ the same headers and no body):
     GET  /healthz           200 "ok"
     GET  /metrics           Prometheus text, generated on request
     GET  /stats             JSON for the live page (connections, rates, busiest topics)
+    GET  /connections       JSON: the connections that lag most (?sort=lag|age|dropped&limit=N)
+    GET  /topics            JSON: the busiest topics (?sort=rate|subscribers&limit=N)
     POST /publish/{topic}   body = data (application/json, application/msgpack,
                             application/octet-stream) -> 202 {"delivered": n}
     GET  /history/{topic}?epoch=E&since=N&limit=L
@@ -15,10 +17,10 @@ the same headers and no body):
     GET  /  and /client.js  the live page and the browser client, from package data
 
 With auth on (docs/security.md), `/publish` needs `Authorization: Bearer <token>` whose `publish`
-claim matches the topic and `/stats` a token with `"admin": true`: 401 with a `WWW-Authenticate`
-challenge without a valid token, 403 when the token does not allow it. `/metrics` needs the
-`--metrics-token` as a Bearer token when one is set. `/healthz`, `/` and `/client.js` stay open
-(the page asks for a token when /stats refuses it).
+claim matches the topic, and `/stats`, `/connections` and `/topics` a token with `"admin": true`:
+401 with a `WWW-Authenticate` challenge without a valid token, 403 when the token does not allow
+it. `/metrics` needs the `--metrics-token` as a Bearer token when one is set. `/healthz`, `/` and
+`/client.js` stay open (the page asks for a token when /stats refuses it).
 
 With a backplane (`--workers`, `--redis`) `/publish` and `/history` go through the hub and
 `/metrics` may be gathered from every worker (`metrics_source`): `handle` then returns a
@@ -30,10 +32,10 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any, NamedTuple
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from broker.auth.permissions import Grant
 from broker.auth.tokens import AuthError, bearer_token, query_token
@@ -112,10 +114,14 @@ class HttpApi:
         render_metrics: Callable[[], bytes],
         snapshot: Callable[[], dict[str, Any]],
         metrics_token: str = "",
+        views: Mapping[str, Callable[[Mapping[str, str]], Any]] | None = None,
     ) -> None:
         self.router = router
         # Set with --workers: gathers every process's metrics and calls back with the text.
         self.metrics_source: Callable[[Callable[[bytes], None]], None] | None = None
+        # Admin JSON views by path (the server's /connections, /topics): query parameters in,
+        # a JSON value out; ValueError is the caller's bad parameter (400).
+        self.views = dict(views or {})
         self.render_metrics = render_metrics
         self.snapshot = snapshot
         self.metrics_token = metrics_token.encode()
@@ -172,12 +178,21 @@ class HttpApi:
                 )
                 return deferred
             return Response(200, self.render_metrics(), _METRICS_TYPE)
-        if path == "/stats":
+        if path == "/stats" or path in self.views:
             grant = self.authenticate(req)
             if grant is not None and not grant.admin:
                 self.router.stats.forbidden["admin"] += 1
                 return _forbidden("the token is not an admin token")
-            return Response(200, json.dumps(self.snapshot()).encode(), JSON_TYPE, _NO_CACHE)
+            if path == "/stats":
+                value = self.snapshot()
+            else:
+                query = urlsplit(req.target.decode("ascii", "replace")).query
+                params = dict(parse_qsl(query))
+                try:
+                    value = self.views[path](params)
+                except ValueError as exc:
+                    return _error(400, str(exc))
+            return Response(200, json.dumps(value).encode(), JSON_TYPE, _NO_CACHE)
         if path in _STATIC:
             name, content_type = _STATIC[path]
             body = self._load(name)

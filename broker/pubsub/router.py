@@ -7,9 +7,14 @@ every subscriber's `out`. The router never writes to a socket and never calls a 
 appends, and it lists in `dirty` each session whose buffer went from empty to non-empty, so the
 loop flushes each one once at the end of the iteration (one send carries many frames).
 
-Slow consumers: a session whose `out` is over the high-water mark gets nothing more (the drop is
-counted) and is listed once in `over`; the loop applies the configured policy to it. So a slow
-session's memory is bounded by the mark plus one frame, and it never slows anyone else.
+Slow consumers: a delivery that finds a session's `out` over the high-water mark does not append;
+it applies the topic's overflow policy (pubsub/overflow.py, resolved only on this slow path):
+`drop` counts the loss, `conflate` keeps the frame as the topic's newest in `session.conflated`
+(replacing an older one, counted as dropped) until a flush brings the session back under the
+mark and `release` queues them, and `disconnect` lists the session once in `over` for the loop
+to close with 1008. So a slow session's memory is bounded by the mark plus one frame, plus at
+most the mark again in conflated frames (past that, conflate disconnects), and it never slows
+anyone else. The default policy costs the fan-out loop nothing more than before: one comparison.
 
 Permissions (broker/auth): a session's `grant` is None when auth is off, and then a publish pays
 one `is None` test for it. Otherwise a publish outside the token's `publish` claim, or a subscribe
@@ -50,6 +55,7 @@ from broker.errors import ErrorCode, RequestError
 from broker.metrics import Stats
 from broker.pubsub.backplane import Backplane, Recovery
 from broker.pubsub.history import Entry, LocalStreams, Streams, Window
+from broker.pubsub.overflow import CONFLATE, DISCONNECT, NAMES, Conflated, OverflowPolicies
 from broker.pubsub.session import Session
 from broker.pubsub.topics import Sublist
 from broker.wire import codec, messages
@@ -67,6 +73,10 @@ from broker.wire.messages import (
 )
 
 _ENCODINGS = tuple(Encoding)  # by value: the Sublist groups' order
+
+# Topics whose publishes are counted per stats tick (GET /topics, the busiest list); publishes to
+# further topics in the same tick still count in the totals, not per topic.
+TOPIC_RATES_MAX = 10_000
 
 
 def _nothing(session: Session) -> None:
@@ -103,7 +113,10 @@ class Router:
             stats.history_evictions,
         )
         self.dirty: list[Session] = []  # buffers that became non-empty this iteration
-        self.over: list[Session] = []  # sessions that went over the high-water mark
+        self.over: list[Session] = []  # sessions to close as slow consumers (disconnect policy)
+        self.overflow = OverflowPolicies(
+            config.overflow, config.slow_consumer_policy, config.topic_cache_size
+        )
         self.topic_counts: dict[str, int] = {}  # publishes per topic since the last stats tick
         self.now = 0.0  # set by the loop each iteration; the rate limiter's clock
         self.backplane: Backplane | None = None  # set by the server with --workers/--redis
@@ -268,6 +281,8 @@ class Router:
             return
         if backlog is None:
             backlog = session.backlog = deque()
+        if session.conflated is not None:
+            self.release(session)  # into `out`, so into the backlog ahead of the replay
         backlog.extend(session.out)
         backlog.extend(frames)
         session.out = []
@@ -307,6 +322,7 @@ class Router:
                 if backplane is not None:
                     self._forget_remote(session, pattern)
         session.patterns = None
+        session.conflated = None
 
     # -- publish -------------------------------------------------------------------------------
 
@@ -353,7 +369,11 @@ class Router:
         stats = self.stats
         stats.published += 1
         counts = self.topic_counts
-        counts[topic] = counts.get(topic, 0) + 1
+        n = counts.get(topic)
+        if n is not None:
+            counts[topic] = n + 1
+        elif len(counts) < TOPIC_RATES_MAX:
+            counts[topic] = 1
         streams = self.streams
         entry = streams.append(topic, data, size, self.now)
         seq = entry.seq
@@ -367,11 +387,20 @@ class Router:
                 stats.dropped["unencodable"] += len(subs)
                 continue
             streams.keep(entry, encoding, frame)
-            delivered += self._fan_out(subs, frame)
+            delivered += self._fan_out(subs, frame, topic)
         stats.delivered += delivered
         return delivered
 
-    def _fan_out(self, subs: tuple[Session, ...], frame: bytes) -> int:
+    def _count(self, topic: str) -> None:
+        """One publish to `topic` in this stats tick (bounded: see TOPIC_RATES_MAX)."""
+        counts = self.topic_counts
+        n = counts.get(topic)
+        if n is not None:
+            counts[topic] = n + 1
+        elif len(counts) < TOPIC_RATES_MAX:
+            counts[topic] = 1
+
+    def _fan_out(self, subs: tuple[Session, ...], frame: bytes, topic: str) -> int:
         """The hot loop: one append of the shared frame per subscriber, nothing copied."""
         high_water = self.config.outbound_high_water
         dirty = self.dirty
@@ -382,10 +411,7 @@ class Router:
             if not queued:
                 dirty.append(session)
             elif queued > high_water:
-                dropped += 1
-                if not session.slow:
-                    session.slow = True
-                    self.over.append(session)
+                dropped += self._overflow(session, topic, frame)
                 continue
             session.out.append(frame)
             session.queued = queued + size
@@ -414,8 +440,7 @@ class Router:
 
         backplane.publish(req.topic, req.data, size, done)
         self.stats.published += 1
-        counts = self.topic_counts
-        counts[req.topic] = counts.get(req.topic, 0) + 1
+        self._count(req.topic)
 
     def publish_remote(self, topic: str, data: Any, size: int, done: Any) -> None:
         """An HTTP publish through the hub; `done` gets (epoch, seq, delivered) or the error."""
@@ -423,8 +448,7 @@ class Router:
         assert backplane is not None
         backplane.publish(topic, data, size, done)
         self.stats.published += 1
-        counts = self.topic_counts
-        counts[topic] = counts.get(topic, 0) + 1
+        self._count(topic)
 
     def _subscribe_remote(self, session: Session, req: Request) -> None:
         backplane = self.backplane
@@ -492,7 +516,7 @@ class Router:
             for n, live in rec.buffered:
                 frame = live[encoding]
                 if n > seq and frame is not None:
-                    self._fan_out((session,), frame)
+                    self._fan_out((session,), frame, topic)
             self.sublist.insert(topic, session)
 
     def _replay_frames(self, session: Session, frames: list[bytes | None]) -> None:
@@ -551,6 +575,60 @@ class Router:
             if frame is None:
                 self.stats.dropped["unencodable"] += len(subs)
                 continue
-            delivered += self._fan_out(subs, frame)
+            delivered += self._fan_out(subs, frame, topic)
         self.stats.delivered += delivered
         return delivered
+
+    def _overflow(self, session: Session, topic: str, frame: bytes) -> int:
+        """A delivery to a session over the mark: apply the topic's policy; 1 if the message is
+        lost to this session (drop, disconnect), 0 if it is kept (conflate)."""
+        policy = self.overflow.resolve(topic)
+        if policy == CONFLATE:
+            conflated = session.conflated
+            if conflated is None:
+                conflated = session.conflated = Conflated()
+            frames = conflated.frames
+            old = frames.get(topic)
+            if old is not None:
+                conflated.size -= len(old)
+                session.dropped += 1
+                self.stats.dropped["conflated"] += 1
+            elif conflated.size + len(frame) > self.config.outbound_high_water:
+                policy = DISCONNECT  # too many topics backed up to keep the newest of each
+            if policy == CONFLATE:
+                frames[topic] = frame
+                conflated.size += len(frame)
+                self._mark_slow(session, CONFLATE)
+                return 0
+        session.dropped += 1
+        self._mark_slow(session, policy)
+        return 1
+
+    def _mark_slow(self, session: Session, policy: int) -> None:
+        """Record that `policy` was applied to `session` in this episode over the mark: counted
+        once per episode and policy; a disconnect lists the session in `over` once."""
+        slow = session.slow
+        if slow & policy:
+            return
+        if not slow and not session.since:
+            session.since = self.now  # over the mark within one iteration: stamp it now
+        session.slow = slow | policy
+        self.stats.slow_consumers[NAMES[policy]] += 1
+        if policy == DISCONNECT:
+            self.over.append(session)
+
+    def release(self, session: Session) -> None:
+        """Queue a session's conflated frames once it is back under the mark (the caller flushes).
+
+        Each is the newest of its topic and every older frame of that topic is ahead of it in
+        `out`, so per-topic order holds. While a session holds conflated frames its `out` stays
+        over the mark (this runs as soon as it is not), so the fan-out cannot queue a newer
+        frame of a conflated topic ahead of the one held here."""
+        conflated = session.conflated
+        if conflated is None:
+            return
+        session.conflated = None
+        out = session.out
+        for frame in conflated.frames.values():
+            out.append(frame)
+        session.queued += conflated.size

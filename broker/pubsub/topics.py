@@ -18,7 +18,7 @@ the trie to exactly its previous size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
 S = TypeVar("S", bound=Hashable)
@@ -120,6 +120,27 @@ class Sublist(Generic[S]):
             self._cache.clear()
         else:
             self._cache.pop(pattern, None)
+
+    def count(self, topic: str) -> int:
+        """How many subscribers a publish to concrete `topic` reaches; leaves the cache alone (for
+        introspection, which must not evict the publishers' entries)."""
+        found = self._cache.get(topic)
+        if found is not None:
+            return sum(map(len, found))
+        subs: dict[S, None] = {}
+        _collect(self._root, topic.split("."), 0, subs)
+        return len(subs)
+
+    def counts(self) -> Iterator[tuple[str, int]]:
+        """(pattern, subscribers holding exactly that pattern) for every subscribed pattern."""
+        stack: list[tuple[str, _Node[S]]] = [("", self._root)]
+        while stack:
+            prefix, node = stack.pop()
+            if node.subs:
+                yield prefix, len(node.subs)
+            if node.children:
+                for token, child in node.children.items():
+                    stack.append((f"{prefix}.{token}" if prefix else token, child))
 
     @property
     def empty(self) -> bool:

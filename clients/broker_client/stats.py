@@ -204,7 +204,7 @@ def summary(metrics: Metrics, now: float | None = None) -> list[tuple[str, list[
                     _count(m.total("broker_messages_dropped_total")),
                     _nonzero(m.by_label("broker_messages_dropped_total", "reason")),
                 ),
-                ("slow consumers", _count(m.value("broker_slow_consumers_total")), ""),
+                ("slow consumers", _count(m.total("broker_slow_consumers_total")), ""),
             ],
         ),
         (

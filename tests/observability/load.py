@@ -250,7 +250,9 @@ class Load:
                 return
 
     def slow_consumers(self) -> float:
+        """broker_slow_consumers_total summed over its policy label."""
+        total = 0.0
         for line in http_get(self.http + "/metrics").decode().splitlines():
-            if line.startswith("broker_slow_consumers_total "):
-                return float(line.split()[-1])
-        return 0.0
+            if line.startswith("broker_slow_consumers_total{"):
+                total += float(line.split()[-1])
+        return total
