@@ -84,13 +84,19 @@ class BrokerProcess:
         return self.proc.pid
 
     def metric(self, name: str, labels: str = "") -> float:
-        """One sample from /metrics; `labels` is the exact label text, e.g. 'kind="in"'."""
+        """One sample from /metrics; `labels` is the exact label text, e.g. 'kind="in"'. Without
+        labels, a family that has them is summed over them."""
         with urllib.request.urlopen(self.http + "/metrics", timeout=5, context=self.tls) as r:
             text = r.read().decode()
         wanted = f"{name}{{{labels}}}" if labels else name
+        total = None  # without labels, a labelled family's sum (broker_slow_consumers_total)
         for line in text.splitlines():
             if line.startswith(wanted + " "):
                 return float(line.split()[-1])
+            if not labels and line.startswith(name + "{"):
+                total = (total or 0.0) + float(line.split()[-1])
+        if total is not None:
+            return total
         raise KeyError(wanted)
 
     def wait_metric(
