@@ -40,7 +40,7 @@ from tests.wsraw import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWs, e
 
 MAX_MESSAGE = 65536
 WAIT = 10.0  # seconds any single exchange may take before the connection counts as stuck
-STATUSES = {101, 200, 202, 400, 404, 405, 413, 415, 426, 431, 501}
+STATUSES = {101, 200, 202, 400, 403, 404, 405, 413, 415, 426, 431, 501}
 ERROR_CODES = {"bad_request", "not_found", "too_large"}
 REPLY_OPS = {"ack", "pong", "error", "message"}
 FUZZ = settings(
@@ -75,6 +75,8 @@ def live() -> Iterator[Live]:
         "20",
         "--close-timeout",
         "2",
+        "--allowed-origins",  # the perimeter's 403 in the mix (clients here send no Origin)
+        "https://ok.example",
     ).start()
     try:
         observers = [RawWs(broker.port), RawWs(broker.port, subprotocol="pubsub.v1.msgpack")]
@@ -163,6 +165,7 @@ EXTRA_HEADERS = st.sampled_from(
         (b"Sec-WebSocket-Key", b"short"),
         (b"Sec-WebSocket-Version", b"8"),
         (b"Origin", b"https://evil.example"),
+        (b"Origin", b"https://ok.example"),
         (b"Connection", b"close"),
         (b"Host", b""),
         (b"X-Big", b"a" * 20000),
@@ -305,7 +308,11 @@ def check_http_answers(live: Live, data: bytes, head: bool) -> int:
 @example(
     _head_bytes(b"GET", b"/ws", b"HTTP/1.1", [*BASE_HEADERS[:4], (b"Sec-WebSocket-Version", b"8")]),
     [],
-)
+)  # 426
+@example(
+    _head_bytes(b"GET", b"/ws", b"HTTP/1.1", [*BASE_HEADERS, (b"Origin", b"https://x.example")]),
+    [],
+)  # 403
 def test_handshakes(live: Live, raw: bytes, cuts: list[int]) -> None:
     with socket.create_connection(("127.0.0.1", live.broker.port), timeout=WAIT) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -636,7 +643,9 @@ def test_http_publish(live: Live, topic: str, value: Any, ctype: str, as_json: b
 # What each fuzz test must have reached at least once (derandomized: the same run every time), so
 # that a strategy that stopped producing some kind of input cannot pass unnoticed.
 REACHED = {
-    "test_handshakes": {"http 101", "http 200", "http 400", "http 404", "http 405", "http 426"},
+    "test_handshakes": {
+        *("http 101", "http 200", "http 400", "http 403", "http 404", "http 405", "http 426")
+    },
     "test_frames": {"close 1002", "close 1007", "close 1009", "frames: still open", "reply ack"},
     "test_requests": {"error bad_request", "reply ack", "reply message", "requests: close 1007"},
     "test_http_publish": {"publish 202", "publish 400", "publish 415"},
