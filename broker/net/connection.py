@@ -294,9 +294,16 @@ class Connection(Session):
         if not out or self.state == CLOSED:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
-        sent = self._send(data)
-        if sent < 0:
+        try:  # _send, inlined: this runs once per subscriber per iteration
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.abort(Closed.CLIENT_GONE)
             return
+        stats = self.server.stats
+        stats.sends += 1
+        stats.bytes_sent += sent
         if sent == len(data):
             out.clear()
             self.queued = 0

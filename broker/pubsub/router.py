@@ -134,7 +134,8 @@ class Router:
                 grant = session.grant
                 if grant is not None and not grant.may_publish(req.topic):
                     self._forbid("publish", "publishing to this topic")
-                self._check_rate(session)
+                if self.config.publish_rate:
+                    self._check_rate(session)
                 if self.backplane is not None:
                     self._publish_remote(session, req, len(payload))
                     return
