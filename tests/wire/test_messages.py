@@ -273,7 +273,13 @@ def test_what_json_decode_accepts_every_encoding_can_write(text: str) -> None:
 
 @given(
     st.text(min_size=1, max_size=20),
-    st.one_of(st.text(), st.integers(), st.booleans(), st.floats(allow_nan=False), st.none()),
+    st.one_of(
+        st.text(),
+        st.integers(),
+        st.booleans(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.none(),
+    ),
     st.integers(min_value=0, max_value=2**63),
 )
 def test_message_frames_written_directly_equal_the_encoders(
