@@ -316,3 +316,16 @@ def _zombie_or_gone(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] in ("Z", "X")
     except FileNotFoundError:
         return True
+
+
+def test_data_msgpack_cannot_carry_crosses_the_hub(
+    workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    sub = on_worker(clients, workers, 0)
+    sub.request(op="subscribe", topic="big")
+    pub = on_worker(clients, workers, 1)
+    pub.ws.send('{"op":"publish","topic":"big","data":{"n":1180591620717411303424},"id":1}')
+    (got,) = sub.messages(1)
+    assert got["data"] == {"n": 2**70}
+    status, body = http(workers, "/history/big")
+    assert status == 200 and body["messages"][0]["data"] == {"n": 2**70}
