@@ -5,6 +5,8 @@
     broker-bench latency [--subs 1000] [--rate 50] [--duration 10] [--sweep]
     broker-bench ceiling [--subs 1000] [--duration 10] [--sweep]   (against the trivial server)
     broker-bench all                                                 (all four, in sequence)
+    broker-bench pollers [--crowd 0,1000,...,19000] [--rate 200] [--plot pollers.png]
+                         (epoll, poll and select brokers: small active set, growing idle crowd)
 
 Without --url each scenario starts its own broker (`python -m broker`) on a free port, pinned
 to CPU 0, and stops it by PID afterwards; with --url ws://127.0.0.1:P/ws (and --pid for RSS
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from broker.bench import pollers as pl
 from broker.bench import scenarios as sc
 from broker.bench.target import BenchError, can_pin, loopback_target
 
@@ -34,6 +37,8 @@ TARGETS = {
     "idle": "19,000 idle connections: < 4 KiB broker RSS each, < 2% of a core at rest",
     "fanout": "1,000 subscribers, 64-byte payloads: > 1,000,000 deliveries/s",
     "latency": "1,000 subscribers at 50 msg/s: p99 publish-to-delivery < 5 ms",
+    "pollers": "the seed's claim: epoll's cost per wake-up flat as idle connections grow; "
+    "poll's and select's growing with them",
 }
 
 
@@ -49,6 +54,22 @@ STEP_COLUMNS = (
     "other_cpu",
     "broker_iterations_over_8ms",
 )
+# scenarios whose steps are not rate steps
+STEP_COLUMNS_FOR = {
+    "pollers": (
+        "idle",
+        "wakeups",
+        "cpu_us_per_wakeup",
+        "sys_us_per_wakeup",
+        "cpu_us_per_delivery",
+        "p50_ms",
+        "p99_ms",
+        "broker_cpu_pct",
+        "rest_cpu_pct",
+        "lost",
+        "other_cpu",
+    )
+}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -123,6 +144,47 @@ def _latency_args(p: argparse.ArgumentParser) -> None:
     _sweep_args(p)
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0,1000,5000: {text!r}") from None
+
+
+def _pollers_args(p: argparse.ArgumentParser) -> None:
+    d = pl.Plan()
+    p.add_argument(
+        "--pollers",
+        default=",".join(d.pollers),
+        help="pollers to run, in order (epoll is the broker's default and only production one)",
+    )
+    p.add_argument(
+        "--crowd",
+        type=_ints,
+        default=list(d.crowd),
+        help="idle connections at each step, for epoll and poll (default %(default)s)",
+    )
+    p.add_argument(
+        "--select-crowd",
+        type=_ints,
+        default=list(d.select_crowd),
+        help="the same for select, which cannot watch fds >= 1024 (default %(default)s)",
+    )
+    p.add_argument("--active", type=int, default=d.active, help="active subscribers, one topic")
+    p.add_argument("--rate", type=float, default=d.rate, help="publishes per second to them")
+    p.add_argument("--duration", type=float, default=d.duration, help="publishing s per step")
+    p.add_argument("--rest", type=float, default=d.rest, help="quiet s per step (rest CPU)")
+    p.add_argument("--size", type=int, default=d.size, help="payload bytes")
+    p.add_argument(
+        "--probe", type=int, default=d.probe, help="select: connections tried past its limit"
+    )
+    p.add_argument("--plot", default="pollers.png", help="PNG to write (needs the bench extra)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument(
+        "--replot", metavar="JSON", help="run nothing: redraw --plot from an earlier --json"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="broker-bench",
@@ -146,6 +208,13 @@ def parser() -> argparse.ArgumentParser:
     _fanout_args(p)
     p.add_argument("--rate", type=float, default=50.0, help="latency run: publishes per s")
     _sweep_args(p)
+    p = sub.add_parser(
+        "pollers",
+        help="the seed's thesis: epoll, poll and select brokers, a small active set beside a "
+        "growing idle crowd; CPU per wake-up and per delivery, latency; writes a PNG plot",
+    )
+    _common(p)
+    _pollers_args(p)
     p = sub.add_parser("all", help="idle, fanout, latency --sweep and ceiling with defaults")
     _common(p)
     return ap
@@ -210,6 +279,20 @@ def run(a: argparse.Namespace, opts: sc.Options) -> list[sc.Report]:
     if s == "latency":
         sc.check_size(a.size)
         return [_latency(opts, a, a.sweep, "broker")]
+    if s == "pollers":
+        sc.check_size(a.size)
+        plan = pl.Plan(
+            pollers=[p.strip() for p in a.pollers.split(",") if p.strip()],
+            crowd=a.crowd,
+            select_crowd=a.select_crowd,
+            active=a.active,
+            rate=a.rate,
+            duration=a.duration,
+            rest=a.rest,
+            size=a.size,
+            probe=a.probe,
+        )
+        return pl.run(opts, plan)
     # all: each scenario's defaults, one after the other (never two loads at once)
     defaults = parser().parse_args(["latency"])
     return [
@@ -244,7 +327,7 @@ def render(r: sc.Report) -> str:
     lines += [f"   {k:<{width}}  {_fmt(v):>14}" for k, v in r.results.items()]
     if r.steps:
         # the table keeps the columns a reader compares; the JSON has every field
-        cols = [c for c in STEP_COLUMNS if c in r.steps[0]]
+        cols = [c for c in STEP_COLUMNS_FOR.get(r.scenario, STEP_COLUMNS) if c in r.steps[0]]
         widths = [max(len(c), *(len(_fmt(s[c])) for s in r.steps)) for c in cols]
         lines.append("   " + "  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
         for s in r.steps:
@@ -259,6 +342,7 @@ def render(r: sc.Report) -> str:
 def document(reports: list[sc.Report], argv: Sequence[str]) -> dict[str, Any]:
     return {
         "command": ["broker-bench", *argv],
+        "commit": pl.commit(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "nproc": os.cpu_count(),
@@ -278,7 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop what we started (by PID)
     signal.signal(signal.SIGTERM, _interrupt)
+    plot = a.scenario == "pollers" and not a.no_plot
+    if a.scenario == "pollers" and a.replot:
+        return _replot(Path(a.replot), Path(a.plot))
     try:
+        if plot:
+            pl.check_plotting()
         opts = options(a)
         if opts.load_cpu is not None:
             with contextlib.suppress(OSError):
@@ -292,12 +381,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     for r in reports:
         print(render(r), flush=True)
+    doc = document(reports, argv)
     if a.json:
-        text = json.dumps(document(reports, argv), indent=2)
+        text = json.dumps(doc, indent=2)
         if a.json == "-":
             print(text)
         else:
             Path(a.json).write_text(text + "\n")
+    if plot:
+        title = pl.caption(doc["reports"], doc["time_utc"], doc["commit"])
+        pl.plot(doc["reports"], Path(a.plot), title)
+        print(f"plot: {a.plot}")
+    return 0
+
+
+def _replot(source: Path, out: Path) -> int:
+    """Redraw the pollers plot from the JSON of an earlier run (its own date and commit)."""
+    try:
+        pl.check_plotting()
+        doc = json.loads(source.read_text())
+    except (OSError, ValueError, BenchError) as e:
+        print(f"broker-bench: {e}", file=sys.stderr)
+        return 2
+    title = pl.caption(doc["reports"], doc["time_utc"], doc.get("commit", "?"))
+    pl.plot(doc["reports"], out, title)
+    print(f"plot: {out}")
     return 0
 
 
