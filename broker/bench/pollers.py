@@ -280,12 +280,14 @@ def plot(reports: list[dict[str, Any]], path: Path, caption: str) -> None:
         xl = [s["idle"] for s in lat]
         a_lat.plot(xl, [s["p50_ms"] for s in lat], "o-", color=color, label=f"{poller} p50")
         a_lat.plot(xl, [s["p99_ms"] for s in lat], "^:", color=color, label=f"{poller} p99")
-    a_wake.set_title("broker CPU per wake-up (µs)\nsolid: user+sys, dashed: sys (kernel)")
+    a_wake.set_title("broker CPU per wake-up (µs, log scale)\nsolid: all, dashed: in the kernel")
     a_del.set_title("broker CPU per delivered message (µs)")
-    a_lat.set_title("wake-up latency: publish → subscriber recv (ms)")
+    a_lat.set_title("wake-up latency (ms, log scale)\npublish stamp → subscriber recv")
+    a_wake.set_yscale("log")  # epoll's flat line and poll's 40x climb on one readable axis
+    a_lat.set_yscale("log")  # p50s of a few ms beside p99s that spike on a shared machine
+    a_del.set_ylim(bottom=0)
     for ax in axes:
         ax.set_xlabel("idle connections beside the active set")
-        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(caption, fontsize=9)

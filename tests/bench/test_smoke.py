@@ -164,3 +164,41 @@ def test_tls_idle_and_fanout_against_a_spawned_broker(tmp_path: Path) -> None:
 def test_tls_ceiling_is_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ceiling", "--tls"]) == 2
     assert "speaks no TLS" in capsys.readouterr().err
+
+
+def test_pollers_runs_each_poller_and_draws_the_plot(tmp_path: Path) -> None:
+    """`pollers` at toy scale: a broker per poller, every step delivers everything, a PNG."""
+    png = tmp_path / "pollers.png"
+    doc = bench(
+        tmp_path,
+        "pollers",
+        *("--crowd", "0,30", "--select-crowd", "0,20", "--active", "5", "--rate", "50"),
+        *("--duration", "0.5", "--rest", "0.2", "--probe", "10", "--plot", str(png)),
+    )
+    reports = doc["reports"]
+    assert [r["params"]["poller"] for r in reports] == ["epoll", "poll", "select"]
+    for rep in reports:
+        crowd = [0, 20] if rep["params"]["poller"] == "select" else [0, 30]
+        assert [s["idle"] for s in rep["steps"]] == crowd
+        for s in rep["steps"]:
+            check_numbers(
+                s,
+                ["wakeups", "cpu_us_per_wakeup", "cpu_us_per_delivery", "p50_ms", "p99_ms"],
+            )
+            assert s["active"] == 5
+            assert s["delivered"] == s["published"] * 5 > 0
+            assert s["lost"] == 0
+            assert s["wakeups"] > 0
+    # far below FD_SETSIZE, the probe's connections are all served
+    assert reports[2]["results"]["probe_ready"] == 10
+    assert reports[2]["results"]["probe_refused"] == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --replot redraws from the JSON alone, running nothing
+    again = tmp_path / "again.png"
+    assert main(["pollers", "--replot", str(tmp_path / "report.json"), "--plot", str(again)]) == 0
+    assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pollers_spawns_its_own_brokers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pollers", "--url", "ws://127.0.0.1:9/ws", "--no-plot"]) == 2
+    assert "drop --url" in capsys.readouterr().err
