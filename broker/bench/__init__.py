@@ -1,7 +1,7 @@
 """broker-bench: the load generator and report for the broker's benchmarks (docs/benchmarks.md).
 
-Owns the scenarios (idle, fanout, latency, ceiling, pollers), the client side of wire protocol v1 as the
-load needs it, and a trivial server that shows the generator's own ceiling. Nothing in the
+Owns the scenarios (idle, fanout, latency, ceiling, pollers), the client side of wire protocol
+v1 as the load needs it, and a trivial server that shows the generator's own ceiling. Nothing in the
 server imports this package; it talks to a broker only over loopback sockets and reads the
 broker's /proc entries for RSS and CPU.
 
