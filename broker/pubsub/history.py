@@ -5,7 +5,7 @@ Theory of operation: every concrete topic the broker sees (a subscribe or a publ
 the first). A pair (epoch, seq) names one message for good: the epoch is drawn anew whenever a
 counter starts over (a forgotten topic, a broker restart), so an old pair can never name a new
 message. A publish numbers the message (`append`) and keeps it in the stream's ring together with
-what fan-out made of it: the complete delivery frame per encoding (`Entry.frames`, filled by
+what fan-out made of it: the complete delivery frame per encoding (`Entry.json`/`.msgpack`, by
 `keep`). A replay therefore writes the very bytes that live subscribers got; a frame for an
 encoding that had no subscriber is made once, by the first replay that needs it (`frame`).
 
@@ -45,7 +45,7 @@ from typing import Any, NamedTuple, Protocol
 from broker.wire import codec, messages
 from broker.wire.codec import Encoding
 
-ENTRY_OVERHEAD = 256
+ENTRY_OVERHEAD = 200
 EPOCH_BYTES = 6  # 8 url-safe characters: 48 random bits
 
 
@@ -56,14 +56,16 @@ def new_epoch() -> str:
 class Entry:
     """One retained message: its seq, when it was published, its data and its frames."""
 
-    __slots__ = ("at", "data", "frames", "seq", "size", "stream")
+    # One slot per encoding rather than a list: one object less to make and free per message.
+    __slots__ = ("at", "data", "json", "msgpack", "seq", "size", "stream")
 
     def __init__(self, seq: int, data: Any, at: float, size: int) -> None:
         self.seq = seq
         self.data = data
         self.at = at
         self.size = size  # bytes counted against --history-memory
-        self.frames: list[bytes | None] = [None, None]  # by Encoding
+        self.json: bytes | None = None  # the delivery frame per encoding, once made
+        self.msgpack: bytes | None = None
         self.stream: Stream | None = None  # the ring it was kept in (None: history off)
 
 
@@ -206,7 +208,10 @@ class LocalStreams:
         return entry
 
     def keep(self, entry: Entry, encoding: int, frame: bytes) -> None:
-        entry.frames[encoding] = frame
+        if encoding:
+            entry.msgpack = frame
+        else:
+            entry.json = frame
         stream = entry.stream
         # Still in its ring? Rings lose their oldest first (or everything), so: still in range.
         entries = None if stream is None else stream.entries
@@ -219,7 +224,7 @@ class LocalStreams:
                 self._shrink()
 
     def frame(self, entry: Entry, topic: str, encoding: Encoding) -> bytes | None:
-        frame = entry.frames[encoding]
+        frame = entry.msgpack if encoding else entry.json
         if frame is None:
             try:
                 frame = messages.message(topic, entry.data, entry.seq, encoding)

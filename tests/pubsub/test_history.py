@@ -390,3 +390,16 @@ def test_a_position_without_history_is_small() -> None:
     per_topic = (tracemalloc.get_traced_memory()[0] - before) / len(topics)
     tracemalloc.stop()
     assert per_topic < 260
+
+
+def test_history_leaves_out_what_the_encoding_cannot_carry() -> None:
+    r = make()
+    for data in (1, 2**70, 3):
+        r.publish("t", data)
+    m = Session(Encoding.MSGPACK)
+    r.handle(m, msgpack.packb({"op": "history", "topic": "t", "id": 1}), True)
+    assert [x["seq"] for x in frames(m)[0]["messages"]] == [1, 3]
+    assert r.stats.dropped["unencodable"] == 1
+    j = Session()
+    send(r, j, op="history", topic="t", id=2)
+    assert [x["data"] for x in frames(j)[0]["messages"]] == [1, 2**70, 3]
