@@ -116,7 +116,8 @@ def test_upgrade_without_a_token_gets_401_and_a_challenge(secured: BrokerProcess
         ("garbage", "malformed"),
         (sign(claims(), key="x" * 40), "signature"),
         (sign(claims(exp=int(time.time()) - 10)), "expired"),
-        (sign(claims(nbf=int(time.time()) + 60)), "not_yet_valid"),
+        # Signed at collection: far enough ahead to stay not yet valid through a long run.
+        (sign(claims(nbf=int(time.time()) + 86400)), "not_yet_valid"),
     ],
 )
 def test_upgrade_with_a_bad_token_gets_401_invalid_token(
