@@ -39,6 +39,8 @@ class Encoding(enum.IntEnum):
     MSGPACK = 1
 
 
+JSON = Encoding.JSON  # bound once: a member lookup on the enum class costs ~0.1 us
+
 SUBPROTOCOLS = {"pubsub.v1.json": Encoding.JSON, "pubsub.v1.msgpack": Encoding.MSGPACK}
 SUBPROTOCOL_NAMES = {v: k for k, v in SUBPROTOCOLS.items()}
 
@@ -169,7 +171,7 @@ def decode(payload: str | bytes, binary: bool) -> Any:
 
 def encode_payload(value: Any, encoding: Encoding) -> bytes:
     try:
-        if encoding is Encoding.JSON:
+        if encoding is JSON:
             return _json_encode(value).encode()
         return _packer.pack(value)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
@@ -179,5 +181,5 @@ def encode_payload(value: Any, encoding: Encoding) -> bytes:
 
 def encode(value: Any, encoding: Encoding) -> bytes:
     """A complete WebSocket frame carrying `value` in `encoding`."""
-    opcode = OP_TEXT if encoding is Encoding.JSON else OP_BINARY
+    opcode = OP_TEXT if encoding is JSON else OP_BINARY
     return frame(opcode, encode_payload(value, encoding))

@@ -282,7 +282,7 @@ def message(topic: str, data: Any, seq: int, encoding: Encoding) -> bytes:
     Binary data on a JSON connection travels as base64 with "encoding":"base64" (protocol v1).
     Raises codec.EncodeError when `data` has no form in `encoding`.
     """
-    if encoding is Encoding.JSON:
+    if encoding is codec.JSON:
         kind = type(data)
         if kind is str or kind is int:
             # The common case written directly: the same bytes json.dumps would give
