@@ -89,6 +89,23 @@ class Config:
         "worker processes sharing the port (SO_REUSEPORT) under a supervising parent that "
         "routes messages between them; 1 = one process, 0 = one per core",
     )
+    # -- redis cluster (net/redis.py) --
+    redis: str = _opt(
+        "",
+        "redis://[[user]:password@]host:port/db (or rediss:// for TLS): nodes sharing this Redis "
+        "form one cluster (seq, epochs, history and routing in Redis); empty = off",
+    )
+    redis_prefix: str = _opt("broker", "prefix of every Redis key and channel (several clusters)")
+    redis_ca: str = _opt("", "CA file to verify a rediss:// server with; empty = system CAs")
+    redis_buffer: int = _opt(
+        16 << 20, "bytes queued to Redis before publishes are refused (unavailable)"
+    )
+    redis_timeout: float = _opt(
+        5.0, "seconds to connect, or to wait for a PING reply, before Redis counts as down"
+    )
+    redis_keep: float = _opt(
+        7 * 86400.0, "seconds a topic's seq and epoch stay in Redis after its last use"
+    )
     # -- logging --
     log_level: str = _opt("info", "debug, info, warning, error")
     log_format: LogFormat = _opt("text", "text or json", choices=("text", "json"))
@@ -207,6 +224,10 @@ def validate(config: Config) -> list[str]:
         problems.append("handshake_burst must be at least 1 when handshake_rate is set")
     if config.history_size < 0 or config.history_ttl < 0:
         problems.append("history_size and history_ttl cannot be negative")
+    if config.redis and not config.redis.startswith(("redis://", "rediss://")):
+        problems.append("redis must be a redis:// or rediss:// URL")
+    if config.redis_buffer < 1 or config.redis_timeout <= 0 or config.redis_keep <= 0:
+        problems.append("redis_buffer, redis_timeout and redis_keep must be positive")
     if config.workers < 0:
         problems.append("workers cannot be negative")
     if config.history_memory < 1 or config.seq_topics < 1:

@@ -82,6 +82,9 @@ class Closed(enum.Enum):
     MAX_CONNECTIONS = ("max_connections", 0)
     TLS_ERROR = ("tls_error", 0)  # a failed TLS handshake or a bad record: no close frame
     TOKEN_EXPIRED = ("token_expired", 4001)
+    # --redis: what a Redis outage cost this node's subscribers is no longer in Redis (1012:
+    # service restart, reconnect; the client's `since` then says recovered false).
+    BACKPLANE_GAP = ("backplane_gap", 1012)
     POLLER_FD_LIMIT = ("poller_fd_limit", 0)  # --poller select: fd >= FD_SETSIZE, closed at accept
 
     @property

@@ -276,6 +276,16 @@ class BrokerCollector(Collector):
                 value=backplane.buffered_bytes(),
             )
             yield GaugeMetricFamily(
+                "broker_backplane_rtt_seconds",
+                "Round trip of the last PING to the backplane (Redis; 0 for the workers' hub)",
+                value=getattr(backplane, "rtt", 0.0),
+            )
+            yield _counter(
+                "broker_backplane_reconnects",
+                "Connections to the backplane lost or failed after it was first reached (Redis)",
+                getattr(backplane, "reconnects", 0),
+            )
+            yield GaugeMetricFamily(
                 "broker_backplane_pending",
                 "Requests awaiting the backplane's answer",
                 value=len(backplane.pending),

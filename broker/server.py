@@ -41,6 +41,7 @@ from broker.net.connection import CLOSED, CLOSING, HTTP, LINGER, OPEN, Connectio
 from broker.net.hub import HubLink
 from broker.net.listener import Listener
 from broker.net.loop import EventLoop, Timer
+from broker.net.redis import RedisLink
 from broker.net.tls import TlsConnection, TlsSetupError, server_context
 from broker.pubsub.http_api import HttpApi
 from broker.pubsub.router import Router
@@ -126,6 +127,13 @@ class Server:
             self.api.metrics_source = link.gather_metrics
             # Which worker took a connection, for clients and tests that want to know.
             self.upgrade_headers = ((b"x-broker-worker", str(index).encode()),)
+        # --redis: this node is one of a cluster sharing a Redis (broker/net/redis.py); with
+        # --workers too, each worker talks to Redis itself.
+        self.redis: RedisLink | None = None
+        if cfg.redis:
+            self.redis = RedisLink(cfg, self.loop, self.router, self.stats)
+            self.redis.on_gap = self._gap
+            self.router.backplane = self.stats.backplane = self.redis
         self.listener = Listener(
             self.loop, cfg.host, cfg.port, cfg.backlog, self.accept, reuse_port=worker is not None
         )
@@ -265,6 +273,13 @@ class Server:
                     self.internal_error(conn, exc)
         if heap:
             self._expiry_timer = self.loop.call_later(heap[0][0] - now, self._expire)
+
+    def _gap(self, topic: str) -> None:
+        """Redis lost what this node missed of `topic` during an outage: close the exact
+        subscribers of `topic` (1012) so that they resubscribe and learn it through `since`."""
+        for conn in self._connections():
+            if conn.state == OPEN and conn.patterns and topic in conn.patterns:
+                conn.close(Closed.BACKPLANE_GAP, "missed messages are gone; resubscribe")
 
     def _connections(self) -> list[Connection]:
         return [c for c in self.loop.table.slots if isinstance(c, Connection)]

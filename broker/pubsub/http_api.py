@@ -4,7 +4,7 @@ Sans-IO: a parsed request in, (status, content type, body) out. `/ws` never gets
 connection hands it to the WebSocket handshake. Routes (every GET route answers HEAD too, with
 the same headers and no body):
 
-    GET  /healthz           200 "ok"
+    GET  /healthz           200 "ok"; 503 "degraded" while the backplane (Redis) is down
     GET  /metrics           Prometheus text, generated on request
     GET  /stats             JSON for the live page (connections, rates, busiest topics)
     GET  /connections       JSON: the connections that lag most (?sort=lag|age|dropped&limit=N)
@@ -164,6 +164,10 @@ class HttpApi:
         if path.startswith("/history/"):
             return self._history(path[len("/history/") :], req, self.authenticate(req))
         if path == "/healthz":
+            backplane = self.router.backplane
+            if backplane is not None and not backplane.up:
+                # Readiness for load balancers: publishes are refused here (docs/operations.md).
+                return Response(503, b"degraded\n", headers=((b"retry-after", b"1"),))
             return Response(200, b"ok")
         if path == "/metrics":
             if self.metrics_token:
