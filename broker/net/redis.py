@@ -349,7 +349,7 @@ class RedisLink(Backplane):
         hello: list[Any] = ["HELLO", "3"]
         if addr.password is not None:
             hello += ["AUTH", addr.username or "default", addr.password]
-        hello += ["SETNAME", "broker"]
+        hello += ["SETNAME", f"broker-{self.config.port}"]  # CLIENT LIST tells nodes apart
         self.command(hello, self._hello)
         if addr.db:
             self.command(["SELECT", addr.db], self._check_setup)
@@ -559,8 +559,10 @@ class RedisLink(Backplane):
             if done is not None:
                 with contextlib.suppress(Exception):
                     done(None)
+        # Capped exponential backoff with jitter: nodes that lost Redis together do not all
+        # knock at the same instant when it comes back.
         delay = min(BACKOFF_CAP, BACKOFF_FIRST * (2 ** min(self.attempts, 16)))
-        self._timer = self.loop.call_later(random.uniform(BACKOFF_FIRST, delay), self.connect)
+        self._timer = self.loop.call_later(random.uniform(delay / 2, delay), self.connect)
 
     def _tick(self) -> None:
         """Once a second: a PING for the round trip, and give up on a silent Redis."""
@@ -724,7 +726,8 @@ class RedisLink(Backplane):
         self, n: int, topic: str, since: Since | None, limit: int, budget: int
     ) -> None:
         epoch, seq = ("", 0) if since is None else since
-        args = self._read_args(topic, False, epoch, seq, limit)
+        # The script reads `limit` 0 as "all": for limit 0 ask for one and return none.
+        args = self._read_args(topic, False, epoch, seq, limit or 1)
 
         def done(reply: Any) -> None:
             if not isinstance(reply, list):
@@ -732,7 +735,7 @@ class RedisLink(Backplane):
                 return
             found = []
             left = budget
-            for msg in reply[3]:
+            for msg in reply[3] if limit else ():
                 n_seq, _, payload = parse_message(msg)
                 found.append((n_seq, unpack(payload)))
                 left -= len(msg)
