@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -22,76 +20,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import hiredis
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import ARTIFACTS, BrokerProcess, free_port
+from tests.conftest import ARTIFACTS, BrokerProcess, RedisServer, free_port
 
 NODES = 3
-REDIS = shutil.which("redis-server")
-assert REDIS, "redis-server is needed (Debian package redis-server; make test installs it)"
-
-
-class RedisServer:
-    """A real redis-server on a free port, no persistence, stopped by PID."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        log = open(ARTIFACTS / f"redis-{self.port}.log", "ab")  # noqa: SIM115
-        cmd = [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-        self.proc = subprocess.Popen(
-            [*cmd, "no", "--daemonize", "no"], stdout=log, stderr=log, cwd=ARTIFACTS
-        )
-        log.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                if self.call("PING") == b"PONG":
-                    return self
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def call(self, *args: Any) -> Any:
-        """One command over a fresh connection (tests only)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(hiredis.pack_command(args))
-            reader = hiredis.Reader()
-            while (reply := reader.gets()) is False:
-                data = s.recv(65536)
-                if not data:
-                    raise OSError("closed")
-                reader.feed(data)
-            return reply
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

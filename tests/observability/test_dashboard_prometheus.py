@@ -56,6 +56,8 @@ WORKERS_ONLY = {
     "Backplane messages per second",
     "Backplane refusals and failures per second",
     "Backplane buffered bytes and pending requests",
+    "Backplane round trip",
+    "Backplane reconnects per minute",
 }
 
 BrokerFactory = Callable[..., Any]
