@@ -478,9 +478,13 @@ class Router:
             backplane.recovering.setdefault(topic, []).append(rec)
         try:
             backplane.window(topic, encoding, req.since, lambda result: self._answered(rec, result))
-        except RequestError:
+        except RequestError:  # refused at once (hub down or too many pending): undo
             if added:
-                self._forget_remote(session, topic)
+                waiting = backplane.recovering[topic]
+                waiting.remove(rec)
+                if not waiting:
+                    del backplane.recovering[topic]
+                backplane.unwant(topic, encoding)
                 patterns.discard(topic)
             raise
 
