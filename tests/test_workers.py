@@ -20,7 +20,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import BrokerProcess
+from tests.conftest import BrokerProcess, RedisServer
 
 WORKERS = 3
 MAX_TRIES = 200  # connections opened at most to find one on a given worker
@@ -33,8 +33,7 @@ class Client:
             connect(broker.url, open_timeout=5, close_timeout=1)
         )
         header = self.ws.response.headers.get("x-broker-worker")
-        assert header is not None, "a worker names itself in the 101"
-        self.worker = int(header)
+        self.worker = -1 if header is None else int(header)  # -1: not a worker
         self.n = 0
 
     def request(self, **req: Any) -> dict[str, Any]:
@@ -329,3 +328,28 @@ def test_data_msgpack_cannot_carry_crosses_the_hub(
     assert got["data"] == {"n": 2**70}
     status, body = http(workers, "/history/big")
     assert status == 200 and body["messages"][0]["data"] == {"n": 2**70}
+
+
+def test_workers_with_redis_talk_to_redis_each(
+    redis: RedisServer,
+    broker_factory: Callable[..., BrokerProcess],
+    clients: Callable[[BrokerProcess], Client],
+) -> None:
+    """--workers with --redis: every worker is a node of the cluster (the hub routes nothing,
+    it still supervises and gathers the metrics)."""
+    node = broker_factory("--workers", str(WORKERS), "--redis", redis.url)
+    other = broker_factory("--redis", redis.url)  # a single-process node beside them
+    subs = spread(clients, node, per_worker=1)
+    for c in subs:
+        c.request(op="subscribe", topic="x.t")
+    outside = clients(other)
+    outside.early = []
+    ack = outside.request(op="publish", topic="x.t", data="hi")
+    assert ack["op"] == "ack", ack
+    seqs = {c.messages(1)[0]["seq"] for c in subs}
+    assert seqs == {1}
+    status, text = http(node, "/metrics")
+    assert status == 200
+    up = [line for line in text.splitlines() if line.startswith("broker_backplane_up{")]
+    assert sorted(up) == [f'broker_backplane_up{{worker="{w}"}} 1.0' for w in range(WORKERS)]
+    assert 'broker_hub_messages_total{worker="hub"} 0.0' in text

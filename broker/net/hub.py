@@ -153,7 +153,8 @@ class Channel:
 
 
 class HubLink(Backplane):
-    """A worker's backplane: the socket to its parent's hub."""
+    """A worker's backplane: the socket to its parent's hub. With `--redis` too, Redis is the
+    router's backplane and this link only gathers metrics (the hub then routes nothing)."""
 
     def __init__(self, sock: socket.socket, loop: Any, router: Router, stats: Stats) -> None:
         super().__init__()
@@ -233,11 +234,13 @@ class HubLink(Backplane):
             except Exception:
                 self.stats.internal_errors += 1
                 log.exception("error handling a message from the hub")
-        self.stats.backplane_received = channel.received_messages
+        if self.stats.backplane is self:  # with --redis too, Redis is the backplane
+            self.stats.backplane_received = channel.received_messages
 
     def flush(self) -> None:
         self.channel.flush(self.loop.modify)
-        self.stats.backplane_sent = self.channel.sent_messages
+        if self.stats.backplane is self:
+            self.stats.backplane_sent = self.channel.sent_messages
 
     def _lost(self) -> None:
         channel = self.channel
