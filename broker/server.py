@@ -509,6 +509,7 @@ def _describe(conn: Connection, now: float, wall: float) -> dict[str, Any]:
     conflated = conn.conflated
     return {
         "id": conn.token,
+        "fd": conn.fd,
         "remote": conn.peer,
         "user": grant.sub if grant is not None else None,
         "connected_at": wall - (now - conn.connected),

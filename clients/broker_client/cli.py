@@ -1,5 +1,5 @@
-"""`broker-cli`: publish, subscribe, read history, ping, read stats and mint development tokens
-from a terminal or a shell script.
+"""`broker-cli`: publish, subscribe, read history, ping, read stats, watch lag (`top`,
+`connections`, `topics`) and mint development tokens from a terminal or a shell script.
 
 Built on `AsyncClient` and argparse. Expected failures (broker unreachable, an error reply, bad
 input) print one line `broker-cli: error: ...` on stderr and exit with a code a script can test;
@@ -45,6 +45,8 @@ from .protocol import (
 )
 from .session import Unrecovered
 from .stats import fetch_metrics, http_base, render_table, summary
+from .top import CONNECTION_SORTS, TOPIC_SORTS, WIDE, View, connections_table, fetch_json, run_top
+from .top import topics_table as _topics_table
 
 __all__ = ["main"]
 
@@ -310,6 +312,55 @@ def _stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _http_base(args: argparse.Namespace) -> str:
+    try:
+        return http_base(args.url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _fetcher(args: argparse.Namespace, base: str) -> Any:
+    context = _ssl_context(args)
+
+    def fetch(path: str) -> Any:
+        return fetch_json(base, path, timeout=args.timeout, context=context, token=args.token)
+
+    return fetch
+
+
+def _listing(args: argparse.Namespace, path: str, sort: str) -> int:
+    if not 1 <= args.limit <= 10_000:
+        raise UsageError("--limit must be from 1 to 10000")
+    base = _http_base(args)
+    data = _fetcher(args, base)(f"{path}?sort={sort}&limit={args.limit}")
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        from rich.console import Console
+
+        table = connections_table(data) if path == "/connections" else _topics_table(data)
+        console = Console()
+        console.print(table, width=max(console.width, WIDE), crop=False)
+    return EXIT_OK
+
+
+def _connections(args: argparse.Namespace) -> int:
+    return _listing(args, "/connections", args.sort)
+
+
+def _topics(args: argparse.Namespace) -> int:
+    return _listing(args, "/topics", args.sort)
+
+
+def _top(args: argparse.Namespace) -> int:
+    if args.interval <= 0 or not 1 <= args.limit <= 10_000:
+        raise UsageError("--interval must be positive and --limit from 1 to 10000")
+    base = _http_base(args)
+    view = View(sort=args.sort, topic_sort=args.topic_sort, limit=args.limit)
+    run_top(_fetcher(args, base), base, view, interval=args.interval, once=args.once)
+    return EXIT_OK
+
+
 # wiring
 
 
@@ -514,6 +565,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(run=_stats)
+
+    top = commands.add_parser(
+        "top",
+        help="live view of the connections that lag and the busiest topics",
+        description=(
+            "A live view, redrawn every --interval, of the connections that lag most and the "
+            "busiest topics (GET /connections and /topics; --token must be an admin token when "
+            "the broker has auth on). Keys: l lag, a age, d dropped (connections); r rate, "
+            "s subscribers (topics); q quit. Not on a terminal, or with --once, it prints one "
+            "frame and exits."
+        ),
+    )
+    top.add_argument("--sort", choices=CONNECTION_SORTS, default="lag", help="connections by")
+    top.add_argument("--topic-sort", choices=TOPIC_SORTS, default="rate", help="topics by")
+    top.add_argument("--limit", type=int, default=15, metavar="N", help="rows of each")
+    top.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds between redraws"
+    )
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(run=_top)
+
+    conns = commands.add_parser(
+        "connections",
+        help="list the connections that lag most (or are oldest, or dropped most)",
+        description=(
+            "Print GET /connections as a table, or as the broker's JSON with --json: per "
+            "connection, bytes and frames queued, the oldest queued frame's age, messages "
+            "dropped, subscriptions, remote address, user, connected since."
+        ),
+    )
+    conns.add_argument("--sort", choices=CONNECTION_SORTS, default="lag", help="(default: lag)")
+    conns.add_argument("--limit", type=int, default=20, metavar="N", help="at most N")
+    conns.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    conns.set_defaults(run=_connections)
+
+    topics = commands.add_parser(
+        "topics",
+        help="list the busiest topics (or the most subscribed patterns)",
+        description=(
+            "Print GET /topics as a table, or as the broker's JSON with --json: publishes per "
+            "second over the last second and subscribers, by rate, or the patterns most "
+            "subscribed with --sort subscribers."
+        ),
+    )
+    topics.add_argument("--sort", choices=TOPIC_SORTS, default="rate", help="(default: rate)")
+    topics.add_argument("--limit", type=int, default=20, metavar="N", help="at most N")
+    topics.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    topics.set_defaults(run=_topics)
     return parser
 
 
