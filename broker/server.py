@@ -125,6 +125,8 @@ class Server:
             link.on_lost = self.shutdown
             self.router.backplane = self.stats.backplane = link
             self.api.metrics_source = link.gather_metrics
+            link.render_stats = self.snapshot
+            self.api.stats_source = link.gather_stats
             # Which worker took a connection, for clients and tests that want to know.
             self.upgrade_headers = ((b"x-broker-worker", str(index).encode()),)
         # --redis: this node is one of a cluster sharing a Redis (broker/net/redis.py); with

@@ -353,3 +353,23 @@ def test_workers_with_redis_talk_to_redis_each(
     up = [line for line in text.splitlines() if line.startswith("broker_backplane_up{")]
     assert sorted(up) == [f'broker_backplane_up{{worker="{w}"}} 1.0' for w in range(WORKERS)]
     assert 'broker_hub_messages_total{worker="hub"} 0.0' in text
+
+
+def test_stats_sum_every_worker(
+    workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    subs = spread(clients, workers, per_worker=2)
+    for c in subs:
+        c.request(op="subscribe", topic="s.t")
+    subs[0].request(op="publish", topic="s.t", data=1)
+    for c in subs:
+        c.messages(1)
+    for _ in range(3):  # whichever worker answers
+        status, stats = http(workers, "/stats")
+        assert status == 200
+        # Our 6 WebSockets plus this HTTP request's own connection.
+        assert stats["connections"] == len(subs) + 1
+        assert stats["subscriptions"] == len(subs)
+        assert stats["published_total"] == 1 and stats["delivered_total"] == len(subs)
+        assert sorted(w["worker"] for w in stats["workers"]) == list(range(WORKERS))
+        assert stats["workers_running"] == WORKERS

@@ -9,11 +9,11 @@ of the loop iteration, so a burst of publishes crosses in a few large writes.
     worker -> hub                                  hub -> worker
     ["i", pattern, encoding, add]                  ["m", topic, seq, json, msgpack, ack]
     ["p", n, topic, data, size]                    ["r", n, result]
-    ["w", n, topic, encoding, epoch|None, seq]     ["c", k]          (send your metrics)
+    ["w", n, topic, encoding, epoch|None, seq]     ["c", k, what]    (send your metrics/stats)
     ["h", n, topic, epoch|None, seq, limit, budget]
     ["d", ack, delivered]   (after fanning out a message that carried an ack number)
-    ["g", n]                (gather every process's metrics)
-    ["M", k, text]          (this worker's metrics, for gathering k)
+    ["g", n, what]          (gather every process's "metrics" text or "stats" snapshot)
+    ["M", k, value]         (this worker's, for gathering k)
 
 The hub (`Hub`) keeps the positions and history (`LocalStreams`, as a single process does) and
 a `Sublist` of (worker, encoding) targets built from the workers' interest messages: a publish is
@@ -163,6 +163,7 @@ class HubLink(Backplane):
         self.stats = stats
         self.channel = Channel(sock, self._register, self)
         self.render_metrics: Callable[[], bytes] = lambda: b""
+        self.render_stats: Callable[[], dict[str, Any]] = dict
         self.on_lost: Callable[[], None] = lambda: None
         loop.after_events.append(self.flush)
         self.came_up()
@@ -198,14 +199,25 @@ class HubLink(Backplane):
 
     def gather_metrics(self, done: Callable[[bytes], None]) -> None:
         """Every process's metrics, labelled by worker (answered by the hub)."""
-        if not self.up:
+        if self.channel.closed:
             done(self.render_metrics())
             return
         n = next(self._numbers)
         self.pending[n] = lambda result: done(
             result if isinstance(result, bytes) else self.render_metrics()
         )
-        self.channel.send(["g", n])
+        self.channel.send(["g", n, "metrics"])
+
+    def gather_stats(self, done: Callable[[dict[str, Any]], None]) -> None:
+        """/stats for the whole host: every worker's snapshot, summed by the hub."""
+        if self.channel.closed:
+            done(self.render_stats())
+            return
+        n = next(self._numbers)
+        self.pending[n] = lambda result: done(
+            result if isinstance(result, dict) else self.render_stats()
+        )
+        self.channel.send(["g", n, "stats"])
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -230,7 +242,8 @@ class HubLink(Backplane):
                 elif kind == "r":
                     self.resolve(message[1], message[2])
                 elif kind == "c":
-                    channel.send(["M", message[1], self.render_metrics()])
+                    what = self.render_metrics() if message[2] == "metrics" else self.render_stats()
+                    channel.send(["M", message[1], what])
             except Exception:
                 self.stats.internal_errors += 1
                 log.exception("error handling a message from the hub")
@@ -323,7 +336,7 @@ class Hub:
         # ack number -> [origin link, n, epoch, seq, workers still to answer, delivered, links]
         self.acks: dict[int, list[Any]] = {}
         self._acks = itertools.count(1)
-        # gathering k -> [origin link, n, {worker: text}, workers still to answer, timer]
+        # gathering k -> [origin link, n, {worker: value}, workers still to answer, timer, what]
         self.gathers: dict[int, list[Any]] = {}
         self._gathers = itertools.count(1)
         self.render_own: Callable[[], bytes] = lambda: b""
@@ -402,7 +415,7 @@ class Hub:
             found = window_messages(window, budget)
             link.send(["r", n, [window.epoch, window.seq, window.recovered, found]])
         elif kind == "g":
-            self._gather(link, message[1])
+            self._gather(link, message[1], message[2])
         elif kind == "M":
             gather = self.gathers.get(message[1])
             if gather is not None and link.index in gather[3]:
@@ -464,24 +477,53 @@ class Hub:
 
     # -- metrics -----------------------------------------------------------------------------
 
-    def _gather(self, origin: WorkerLink, n: int) -> None:
+    def _gather(self, origin: WorkerLink, n: int, what: str) -> None:
         k = next(self._gathers)
         waiting = set(self.links)
         timer = self.loop.call_later(GATHER_TIMEOUT, lambda: self._gathered(k))
-        self.gathers[k] = [origin, n, {}, waiting, timer]
+        self.gathers[k] = [origin, n, {}, waiting, timer, what]
         for link in self.links.values():
-            link.send(["c", k])
+            link.send(["c", k, what])
 
     def _gathered(self, k: int) -> None:
         gather = self.gathers.pop(k, None)
         if gather is None:
             return
-        origin, n, texts, _, timer = gather
+        origin, n, found, _, timer, what = gather
         timer.cancel()
-        texts["hub"] = self.render_own()
+        if what == "metrics":
+            found["hub"] = self.render_own()
+            merged: Any = merge_metrics(found)
+        else:
+            merged = merge_stats(found)
+            merged["workers_running"] = len(self.links)
         link: WorkerLink = origin
         if self.links.get(link.index) is link:
-            link.send(["r", n, merge_metrics(texts)])
+            link.send(["r", n, merged])
+
+
+def merge_stats(snapshots: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """/stats for the host: counts and rates summed over workers, the busiest topics merged,
+    and each worker's own figures under "workers" (topics: the most any worker holds, as the
+    same pattern may be subscribed on several)."""
+    merged: dict[str, Any] = {}
+    busiest: dict[str, float] = {}
+    for snap in snapshots.values():
+        for key, value in snap.items():
+            if key == "busiest_topics":
+                for entry in value:
+                    busiest[entry["topic"]] = busiest.get(entry["topic"], 0.0) + entry["per_s"]
+            elif key in ("topics", "uptime_s"):
+                merged[key] = max(merged.get(key, 0), value)
+            elif isinstance(value, int | float) and key not in ("worker", "pid"):
+                merged[key] = merged.get(key, 0) + value
+    top = sorted(busiest.items(), key=lambda kv: -kv[1])[:10]
+    merged["busiest_topics"] = [{"topic": t, "per_s": r} for t, r in top]
+    merged["workers"] = [
+        {"worker": s.get("worker"), "pid": s.get("pid"), "connections": s.get("connections")}
+        for _, s in sorted(snapshots.items())
+    ]
+    return merged
 
 
 def merge_metrics(texts: dict[str, bytes]) -> bytes:

@@ -119,6 +119,8 @@ class HttpApi:
         self.router = router
         # Set with --workers: gathers every process's metrics and calls back with the text.
         self.metrics_source: Callable[[Callable[[bytes], None]], None] | None = None
+        # Set with --workers: /stats for the whole host (every worker's snapshot, summed).
+        self.stats_source: Callable[[Callable[[dict[str, Any]], None]], None] | None = None
         # Admin JSON views by path (the server's /connections, /topics): query parameters in,
         # a JSON value out; ValueError is the caller's bad parameter (400).
         self.views = dict(views or {})
@@ -187,6 +189,14 @@ class HttpApi:
             if grant is not None and not grant.admin:
                 self.router.stats.forbidden["admin"] += 1
                 return _forbidden("the token is not an admin token")
+            if path == "/stats" and self.stats_source is not None:
+                deferred = Deferred()
+                self.stats_source(
+                    lambda v: deferred.resolve(
+                        Response(200, json.dumps(v).encode(), JSON_TYPE, _NO_CACHE)
+                    )
+                )
+                return deferred
             if path == "/stats":
                 value = self.snapshot()
             else:
