@@ -139,6 +139,8 @@ class Server:
         self.listener = Listener(
             self.loop, cfg.host, cfg.port, cfg.backlog, self.accept, reuse_port=worker is not None
         )
+        if worker is not None:
+            link.ready()  # listening: the supervisor stops treating an exit as a bad start
         self.connections = 0
         self.stopping = False
         self._error_log_times: list[float] = []

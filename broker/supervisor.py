@@ -11,10 +11,13 @@ N workers hold N times as many sockets. The parent serves no client; its loop ru
 Supervision: a worker's end of the socketpair closes when it exits, which the hub's loop sees at
 once. A worker that exits while the parent is not stopping is restarted after a back-off that
 doubles with each quick death (one that lived under `STABLE` seconds) up to `MAX_BACKOFF`, and
-counted (`broker_worker_restarts_total`). Its clients reconnect to the others (or to it) and
-recover from the hub's history. SIGTERM/SIGINT are passed to every worker as SIGTERM (each drains
-its clients with 1001); the parent exits 0 once all have exited, killing any still alive after
---shutdown-timeout plus a grace. SIGHUP is passed on (TLS reload).
+counted (`broker_worker_restarts_total`); its clients reconnect to the others (or to it) and
+recover from the hub's history. A worker that exits with an error before it said it was
+listening (a certificate that does not load...) stops the whole broker with its exit code, as
+the single process would fail: restarting it would fail the same way. SIGTERM/SIGINT are
+passed to every worker as SIGTERM (each drains its clients with 1001); the parent exits 0 once
+all have exited, killing any still alive after --shutdown-timeout plus a grace. SIGHUP is
+passed on (TLS reload).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def worker_count(cfg: Config) -> int:
 
 
 class Worker:
-    __slots__ = ("failures", "index", "proc", "restarts", "started")
+    __slots__ = ("failures", "index", "proc", "ready", "restarts", "started")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -64,6 +67,7 @@ class Worker:
         self.started = 0.0
         self.failures = 0  # quick deaths in a row
         self.restarts = 0
+        self.ready = False  # this worker has started once (said so over its socket)
 
 
 class Supervisor:
@@ -84,11 +88,13 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(worker_count(cfg))]
         self.restarts = 0
         self.stopping = False
+        self.exit_code = 0
         self.registry = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.registry)
         self.registry.register(_HubCollector(self))
         self.hub.render_own = lambda: generate_latest(self.registry)
         self.hub.on_detach = self._detached
+        self.hub.on_ready = self._ready
         self.loop.on_signal = self._on_signal
 
     # -- workers -----------------------------------------------------------------------------
@@ -114,6 +120,9 @@ class Supervisor:
         self.hub.attach(worker.index, ours)
         log.info("worker %d started, pid %d", worker.index, worker.proc.pid)
 
+    def _ready(self, index: int) -> None:
+        self.workers[index].ready = True
+
     def _detached(self, index: int) -> None:
         """Worker `index` closed its socket: reap it, then restart it unless stopping."""
         self._reap(self.workers[index], time.monotonic() + KILL_GRACE)
@@ -133,6 +142,13 @@ class Supervisor:
             log.info("worker %d exited (%s)", worker.index, code)
             if all(w.proc is None for w in self.workers):
                 self.loop.stop()
+            return
+        if not worker.ready and code:
+            # It never started (a certificate that does not load, a port taken...): so would
+            # every restart. Fail as a single process would, with its exit code.
+            log.error("worker %d could not start (exit %s); stopping", worker.index, code)
+            self.exit_code = code
+            self.shutdown()
             return
         log.warning("worker %d (pid %d) exited with %s; restarting", worker.index, proc.pid, code)
         self._schedule_restart(worker)
@@ -190,7 +206,7 @@ class Supervisor:
         finally:
             self.reserved.close()
             self.loop.close()
-        return 0
+        return self.exit_code
 
 
 class _HubCollector(Collector):

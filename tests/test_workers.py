@@ -11,6 +11,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,7 +22,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import BrokerProcess, RedisServer
+from tests.conftest import REPO, BrokerProcess, RedisServer, free_port
 
 WORKERS = 3
 MAX_TRIES = 200  # connections opened at most to find one on a given worker
@@ -373,3 +375,36 @@ def test_stats_sum_every_worker(
         assert stats["published_total"] == 1 and stats["delivered_total"] == len(subs)
         assert sorted(w["worker"] for w in stats["workers"]) == list(range(WORKERS))
         assert stats["workers_running"] == WORKERS
+
+
+def test_workers_that_cannot_start_stop_the_broker_with_their_exit_code(tmp_path: Any) -> None:
+    bad = tmp_path / "cert.pem"
+    bad.write_text("not a certificate")
+    port = free_port()
+    cmd = [sys.executable, "-m", "broker", "--port", str(port), "--workers", "2"]
+    proc = subprocess.run(
+        [*cmd, "--tls-cert", str(bad), "--tls-key", str(bad)],
+        check=False,
+        capture_output=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert b"could not start" in proc.stderr
+
+
+def test_workers_exit_when_the_parent_is_killed(
+    workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    subs = spread(clients, workers, per_worker=1)
+    pids = worker_pids(workers)
+    os.kill(workers.pid, signal.SIGKILL)
+    workers.proc.wait(5)  # type: ignore[union-attr]
+    for c in subs:  # each worker lost its hub: it drains its clients (1001) and exits
+        with pytest.raises(ConnectionClosed) as info:
+            c.recv(10)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(_zombie_or_gone(p) for p in pids):
+        time.sleep(0.05)
+    assert all(_zombie_or_gone(p) for p in pids)

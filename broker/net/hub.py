@@ -14,6 +14,7 @@ of the loop iteration, so a burst of publishes crosses in a few large writes.
     ["d", ack, delivered]   (after fanning out a message that carried an ack number)
     ["g", n, what]          (gather every process's "metrics" text or "stats" snapshot)
     ["M", k, value]         (this worker's, for gathering k)
+    ["u"]                   (this worker started: set up and listening)
 
 The hub (`Hub`) keeps the positions and history (`LocalStreams`, as a single process does) and
 a `Sublist` of (worker, encoding) targets built from the workers' interest messages: a publish is
@@ -197,6 +198,10 @@ class HubLink(Backplane):
         epoch, seq = (None, 0) if since is None else since
         self.channel.send(["h", n, topic, epoch, seq, limit, budget])
 
+    def ready(self) -> None:
+        """Tell the supervisor this worker started (set up and listening)."""
+        self.channel.send(["u"])
+
     def gather_metrics(self, done: Callable[[bytes], None]) -> None:
         """Every process's metrics, labelled by worker (answered by the hub)."""
         if self.channel.closed:
@@ -341,6 +346,7 @@ class Hub:
         self._gathers = itertools.count(1)
         self.render_own: Callable[[], bytes] = lambda: b""
         self.on_detach: Callable[[int], None] = lambda index: None
+        self.on_ready: Callable[[int], None] = lambda index: None
         self.dropped = 0
         loop.after_events.append(self.flush)
         loop.call_later(1.0, self._expire)
@@ -416,6 +422,8 @@ class Hub:
             link.send(["r", n, [window.epoch, window.seq, window.recovered, found]])
         elif kind == "g":
             self._gather(link, message[1], message[2])
+        elif kind == "u":
+            self.on_ready(link.index)
         elif kind == "M":
             gather = self.gathers.get(message[1])
             if gather is not None and link.index in gather[3]:
