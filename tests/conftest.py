@@ -191,22 +191,39 @@ assert REDIS, "redis-server is needed (Debian package redis-server; make test in
 
 
 class RedisServer:
-    """A real redis-server on a free port, no persistence, stopped by PID."""
+    """A real redis-server on a free port, no persistence, stopped by PID. With `password` it
+    requires AUTH; with `tls` (a client context trusting `args`' certificate) it speaks TLS only
+    (pass the server's --tls-* options in `args`)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+        password: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.port = port or free_port()
+        self.args = args
+        self.password = password
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         log = open(ARTIFACTS / f"redis-{self.port}.log", "ab")  # noqa: SIM115
-        cmd = [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+        port = ["--port", str(self.port)]
+        if self.tls:
+            port = ["--port", "0", "--tls-port", str(self.port)]
+        cmd = [REDIS, *port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if self.password:
+            cmd += ["--requirepass", self.password]
         self.proc = subprocess.Popen(
-            [*cmd, "no", "--daemonize", "no"], stdout=log, stderr=log, cwd=ARTIFACTS
+            [*cmd, "--daemonize", "no", *self.args], stdout=log, stderr=log, cwd=ARTIFACTS
         )
         log.close()
         deadline = time.monotonic() + 10
@@ -219,15 +236,31 @@ class RedisServer:
 
     def call(self, *args: Any) -> Any:
         """One command over a fresh connection (tests only)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+        if self.tls is not None:
+            try:
+                s = self.tls.wrap_socket(s, server_hostname="127.0.0.1")
+            except OSError:
+                s.close()
+                raise
+        with s:
+            wanted = 1
+            if self.password:
+                s.sendall(hiredis.pack_command(("AUTH", self.password)))
+                wanted = 2
             s.sendall(hiredis.pack_command(args))
             reader = hiredis.Reader()
-            while (reply := reader.gets()) is False:
+            replies: list[Any] = []
+            while len(replies) < wanted:
+                reply = reader.gets()
+                if reply is not False:
+                    replies.append(reply)
+                    continue
                 data = s.recv(65536)
                 if not data:
                     raise OSError("closed")
                 reader.feed(data)
-            return reply
+            return replies[-1]
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

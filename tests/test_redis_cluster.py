@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import ARTIFACTS, BrokerProcess, RedisServer, free_port
+from tests.tlsutil import Pki
 
 NODES = 3
 
@@ -402,3 +404,41 @@ def test_redis_restarted_under_load(
     clients(nodes[1]).request(op="publish", topic="load.x", data="after")
     assert [m["data"] for m in fresh.messages(1)] == ["after"]
     assert any(m["data"] == "after" for m in wild.messages(10_000, timeout=3))
+
+
+def test_rediss_with_a_password_and_a_database(
+    tmp_path: Path, broker_factory: Callable[..., BrokerProcess], clients: Any
+) -> None:
+    """rediss:// (TLS, verified against --redis-ca), AUTH from the URL's password, SELECT db."""
+    pki = Pki(tmp_path)
+    cert, key, _ = pki.issue(2001)
+    tls_args = ("--tls-cert-file", str(cert), "--tls-key-file", str(key))
+    tls_args += ("--tls-ca-cert-file", str(pki.ca_path), "--tls-auth-clients", "no")
+    server = RedisServer(args=tls_args, password="s3cret", tls=pki.client_context()).start()
+    try:
+        url = server.url.replace("/0", "/3")
+        a = broker_factory("--redis", url, "--redis-ca", str(pki.ca_path))
+        b = broker_factory("--redis", url, "--redis-ca", str(pki.ca_path))
+        sub = clients(a)
+        assert sub.request(op="subscribe", topic="secure")["seq"] == 0
+        assert clients(b).request(op="publish", topic="secure", data="hi")["op"] == "ack"
+        assert [(m["seq"], m["data"]) for m in sub.messages(1)] == [(1, "hi")]
+        in_db3 = "redis.call('SELECT', '3'); return redis.call('EXISTS', KEYS[1])"
+        assert server.call("EVAL", in_db3, 1, "broker:{secure}:s") == 1
+        assert server.call("EXISTS", "broker:{secure}:s") == 0, "nothing in db 0"
+        # A wrong password or an untrusted CA: the node stays degraded, it does not crash.
+        wrong = url.replace("s3cret", "wrong")
+        bad = start_degraded("--redis", wrong, "--redis-ca", str(pki.ca_path))
+        untrusted = start_degraded("--redis", url)
+        try:
+            for node in (bad, untrusted):
+                time.sleep(0.5)
+                assert healthz(node) == (503, "degraded\n")
+                assert node.proc is not None and node.proc.poll() is None
+        finally:
+            bad.stop()
+            untrusted.stop()
+        assert "WRONGPASS" in bad.log() or "invalid username-password" in bad.log()
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.log()
+    finally:
+        server.stop()
