@@ -102,8 +102,8 @@ def test_compose_services_and_pinned_images(compose: dict[str, Any]) -> None:
     assert set(services) >= {"broker", "prometheus", "grafana"}, sorted(services)
     for name, service in services.items():
         image = service.get("image", "")
-        if name == "broker":
-            continue  # built from the Dockerfile; its base image is checked below
+        if "build" in service:
+            continue  # built from the Dockerfile (broker, cluster nodes); base image checked below
         repo_part, _, tag = image.rpartition(":")
         assert repo_part and tag and tag != "latest", f"{name}: image {image!r} is not pinned"
         assert re.search(r"\d+\.\d+\.\d+", tag), f"{name}: pin a full version, not {tag!r}"
@@ -142,6 +142,46 @@ def test_prometheus_scrapes_the_broker_service(compose: dict[str, Any]) -> None:
     targets = [t for sc in job["static_configs"] for t in sc["targets"]]
     assert targets == [f"broker:{BROKER_PORT}"]
     assert "broker" in compose["services"]
+
+
+CLUSTER_NODES = ("node1", "node2", "node3")
+
+
+def test_cluster_profile(compose: dict[str, Any]) -> None:
+    """`docker compose --profile cluster up`: Redis and three nodes on it, scraped by the same
+    Prometheus (DNS service discovery of their shared alias), shown by the same Grafana."""
+    services = compose["services"]
+    cluster = {n for n, s in services.items() if "cluster" in (s.get("profiles") or [])}
+    assert cluster == {"redis", *CLUSTER_NODES}, sorted(cluster)
+    for name in ("broker", "prometheus", "grafana"):
+        assert not services[name].get("profiles"), f"{name} must run with or without the profile"
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:7."), "sharded pub/sub and RESP3 need Redis 7"
+    host_ports = set()
+    for name in CLUSTER_NODES:
+        node = services[name]
+        assert node["image"] == services["broker"]["image"]
+        assert Path(node["build"]["context"]).resolve() == REPO.resolve()
+        url = node["environment"]["BROKER_REDIS"]
+        assert re.fullmatch(r"redis://redis:6379/\d+", url), url
+        assert "redis" in node["depends_on"]
+        assert "broker-cluster" in node["networks"]["default"]["aliases"]
+        (port,) = node["ports"]
+        target = port["target"] if isinstance(port, dict) else int(str(port).split(":")[-1])
+        published = port["published"] if isinstance(port, dict) else str(port).split(":")[0]
+        assert int(target) == BROKER_PORT
+        host_ports.add(int(published))
+        # Same metrics token as the single broker, which Prometheus sends.
+        token = resolve_in_container(node, node["environment"]["BROKER_METRICS_TOKEN_FILE"])
+        broker = services["broker"]
+        broker_token = broker["environment"]["BROKER_METRICS_TOKEN_FILE"]
+        assert token.resolve() == resolve_in_container(broker, broker_token).resolve()
+    assert len(host_ports) == len(CLUSTER_NODES) and BROKER_PORT not in host_ports
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "broker-cluster"]
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["broker-cluster"] and sd["port"] == BROKER_PORT
+    assert job["authorization"]["credentials_file"] == "metrics-token"
 
 
 def test_prometheus_sends_the_brokers_metrics_token(compose: dict[str, Any]) -> None:
