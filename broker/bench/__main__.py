@@ -79,6 +79,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--pid", type=int, help="PID of the --url broker, for its RSS and CPU")
     g.add_argument(
+        "--sub-url",
+        action="append",
+        default=[],
+        help="put subscribers on these brokers instead (repeatable; load process i uses the "
+        "i-th modulo their number): e.g. the other nodes of a --redis cluster",
+    )
+    g.add_argument(
         "--spawn", action="store_true", help="start our own broker (the default without --url)"
     )
     g.add_argument("--broker-arg", action="append", default=[], help="extra flag for --spawn")
@@ -221,8 +228,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def options(a: argparse.Namespace) -> sc.Options:
-    if a.url:
-        loopback_target(a.url)  # refuse non-loopback targets before anything starts
+    for url in [a.url, *a.sub_url] if a.url else a.sub_url:
+        loopback_target(url)  # refuse non-loopback targets before anything starts
         if a.spawn:
             raise BenchError("--url and --spawn exclude each other")
     if a.tls and a.scenario == "ceiling":
@@ -230,6 +237,7 @@ def options(a: argparse.Namespace) -> sc.Options:
     pin = not a.no_pin and can_pin()
     return sc.Options(
         url=a.url,
+        sub_urls=a.sub_url,
         pid=a.pid,
         procs=a.procs,
         src_ips=a.src_ips,

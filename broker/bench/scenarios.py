@@ -41,6 +41,7 @@ class Options:
     """What every scenario shares: the target and how the load is spread."""
 
     url: str | None = None  # None: start our own server
+    sub_urls: list[str] = field(default_factory=list)  # subscribers elsewhere (cluster nodes)
     pid: int | None = None
     procs: int = 0  # 0: one worker process per 5,000 connections
     src_ips: int = 8
@@ -130,14 +131,17 @@ class Load:
         cpu = opts.load_cpu if tg.can_pin() else None
         per = math.ceil(n / procs)
         first = 0
+        # --sub-url: subscribers spread over other brokers (process i on the i-th, round robin).
+        eps = [tg.loopback_target(u) for u in opts.sub_urls] or [ep]
         for i in range(procs):
             count = min(per, n - first)
+            sub_ep = eps[i % len(eps)]
             spec = WorkerSpec(
                 index=i,
-                host=ep.host,
-                port=ep.port,
-                path=ep.path,
-                tls=ep.tls,
+                host=sub_ep.host,
+                port=sub_ep.port,
+                path=sub_ep.path,
+                tls=sub_ep.tls,
                 first=first,
                 count=count,
                 topic_fmt=topic_fmt,
