@@ -218,10 +218,16 @@ def test_recovery_on_another_node_after_a_node_is_killed(
     assert [(m["seq"], m["data"]) for m in replay] == [(s, s - 1) for s in range(6, 13)]
     pub.request(op="publish", topic="feed", data="live")
     assert [(m["seq"], m["data"]) for m in again.messages(1)] == [(13, "live")]
+    # HTTP publishes go through Redis as well (202 once Redis has numbered it).
+    req = urllib.request.Request(nodes[1].http + "/publish/feed", data=b'"http"', method="POST")
+    req.add_header("content-type", "application/json")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 202 and json.loads(r.read())["delivered"] >= 1
+    assert [(m["seq"], m["data"]) for m in again.messages(1)] == [(14, "http")]
     assert again.quiet(0.3) == []
     # The history op and GET /history read the same stream from any node.
     hist = clients(nodes[1]).request(op="history", topic="feed", since={"epoch": epoch, "seq": 10})
-    assert [m["seq"] for m in hist["messages"]] == [11, 12, 13]
+    assert [m["seq"] for m in hist["messages"]] == [11, 12, 13, 14]
     with urllib.request.urlopen(nodes[2].http + "/history/feed?limit=2", timeout=5) as r:
         body = json.loads(r.read())
     assert body["epoch"] == epoch and [m["seq"] for m in body["messages"]] == [1, 2]

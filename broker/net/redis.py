@@ -51,7 +51,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 import msgpack
 
-from broker.errors import ErrorCode, RequestError
+from broker.errors import RequestError
 from broker.pubsub.backplane import Backplane, unavailable
 from broker.pubsub.history import new_epoch
 from broker.wire import codec, messages
@@ -283,7 +283,8 @@ class RedisLink(Backplane):
         self.positions: dict[str, tuple[str, int]] = {}
         # Topics whose gap is being read after a reconnection -> live messages meanwhile.
         self.filling: dict[str, list[tuple[int, str, bytes]]] = {}
-        self._last: tuple[bytes, bytes] | None = None  # (channel topic, message) just delivered
+        self._last: tuple[bytes, bytes] | None = None
+        self._refusals_logged = 0  # (channel topic, message) just delivered
         self.on_gap: Callable[[str], None] = lambda topic: None
         self.messages_in = 0
         self.messages_out = 0
@@ -674,8 +675,11 @@ class RedisLink(Backplane):
             if reply is None:
                 self.resolve(n, unavailable("Redis went away before confirming the publish"))
             elif isinstance(reply, hiredis.ReplyError):
-                log.error("Redis refused a publish: %s", reply)
-                self.resolve(n, RequestError(ErrorCode.INTERNAL, "Redis refused the publish"))
+                # OOM (maxmemory), LOADING, BUSY, READONLY...: not made, the client may retry.
+                self._refusals_logged += 1
+                if self._refusals_logged <= 10 or self._refusals_logged % 1000 == 0:
+                    log.error("Redis refused a publish: %s", reply)
+                self.resolve(n, unavailable(f"Redis refused the publish: {reply}"))
             else:
                 self.resolve(n, (reply[0].decode(), reply[1], reply[2]))
 
@@ -749,7 +753,7 @@ class RedisLink(Backplane):
         if reply is None:
             return unavailable("Redis went away before answering")
         log.error("Redis refused a read: %s", reply)
-        return RequestError(ErrorCode.INTERNAL, "Redis refused the read")
+        return unavailable(f"Redis refused the read: {reply}")
 
     def _known(self, topic: str, epoch: str, seq: int) -> None:
         """A position read from Redis for a topic held here: where its gap fill would start."""
@@ -789,6 +793,8 @@ class RedisLink(Backplane):
         router = self.router
         groups = router.sublist.match(topic)
         recovering = self.recovering.get(topic) if self.recovering else None
+        if not (groups[0] or groups[1] or recovering):
+            return  # over-matched by a glob, or its last subscriber just left
         data = unpack(payload)
         frames: list[bytes | None] = [None, None]
         for encoding in (Encoding.JSON, Encoding.MSGPACK):
