@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -273,23 +275,40 @@ def test_what_json_decode_accepts_every_encoding_can_write(text: str) -> None:
 
 @given(
     st.text(min_size=1, max_size=20),
-    st.one_of(
-        st.text(),
-        st.integers(),
-        st.booleans(),
-        st.floats(allow_nan=False, allow_infinity=False),
-        st.none(),
-    ),
+    # Every float, infinities and NaN included: JSON has no form for those, and both paths must
+    # refuse them alike (EncodeError), never write `Infinity`.
+    st.one_of(st.text(), st.integers(), st.booleans(), st.floats(), st.none()),
     st.integers(min_value=0, max_value=2**63),
 )
 def test_message_frames_written_directly_equal_the_encoders(
     topic: str, data: Any, seq: int
 ) -> None:
-    # str and int data are written without json.dumps: the bytes must not differ.
-    expected = codec.encode(
-        {"op": "message", "topic": topic, "data": data, "seq": seq}, Encoding.JSON
-    )
-    assert messages.message(topic, data, seq, Encoding.JSON) == expected
+    """str and int data are written without json.dumps: the bytes must not differ, and a value
+    the encoder refuses is refused by `messages.message` the same way."""
+
+    def outcome(write: Callable[[], bytes]) -> bytes | type[codec.EncodeError]:
+        try:
+            return bytes(write())
+        except codec.EncodeError:
+            return codec.EncodeError
+
+    body = {"op": "message", "topic": topic, "data": data, "seq": seq}
+    expected = outcome(lambda: codec.encode(body, Encoding.JSON))
+    assert outcome(lambda: messages.message(topic, data, seq, Encoding.JSON)) == expected
+    if isinstance(data, float) and not math.isfinite(data):
+        assert expected is codec.EncodeError
+    else:
+        assert expected is not codec.EncodeError
+
+
+@pytest.mark.parametrize("data", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_data_is_refused_on_json_and_kept_on_msgpack(data: float) -> None:
+    with pytest.raises(codec.EncodeError):
+        messages.message("t", data, 1, Encoding.JSON)
+    with pytest.raises(codec.EncodeError):
+        codec.encode({"op": "message", "topic": "t", "data": data, "seq": 1}, Encoding.JSON)
+    value = msgpack.unpackb(_unframe(messages.message("t", data, 1, Encoding.MSGPACK)))["data"]
+    assert value == data or (math.isnan(value) and math.isnan(data))
 
 
 @given(
