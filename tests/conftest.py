@@ -4,6 +4,7 @@ real redis-server for the --redis tests."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -15,13 +16,14 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import hiredis
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / "artifacts"
+_broker_numbers = itertools.count(1)  # numbers each broker of the session: one log file each
 
 
 def free_port() -> int:
@@ -45,7 +47,10 @@ class BrokerProcess:
         self.env = env or {}
         self.tls = tls  # a client context trusting the broker's certificate: wss:// and https://
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = ARTIFACTS / f"broker-{self.port}.log"
+        # A log of this broker's own, started empty: ports are reused (restarts on the same port,
+        # later sessions), and a reader (first line, counts, "Traceback" not in it) must see
+        # this process's lines only.
+        self.log_path = ARTIFACTS / f"broker-{self.port}-{next(_broker_numbers)}.log"
 
     @property
     def url(self) -> str:
@@ -56,15 +61,14 @@ class BrokerProcess:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> BrokerProcess:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
         cmd = [sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", str(self.port)]
-        with open(self.log_path, "ab") as log:
+        with self.open_log() as log:
             self.proc = subprocess.Popen([*cmd, *self.args], env=env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"broker exited with {self.proc.returncode}: {self.log()}")
+                raise RuntimeError(f"broker exited with {self.proc.returncode}: {self.log_tail()}")
             with (
                 contextlib.suppress(OSError),
                 urllib.request.urlopen(self.http + "/healthz", timeout=1, context=self.tls) as r,
@@ -73,13 +77,25 @@ class BrokerProcess:
                     return self
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"broker did not become healthy: {self.log()}")
+        raise RuntimeError(f"broker did not become healthy: {self.log_tail()}")
+
+    def open_log(self) -> BinaryIO:
+        """The log file for a process being started: truncated the first time (a file left by an
+        earlier session on this port is not ours), appended to when this object starts again."""
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        return open(self.log_path, "wb" if self.proc is None else "ab")
 
     def log(self) -> str:
+        """Everything this broker wrote (stdout and stderr), whole: checks such as "no Traceback"
+        must not miss an early line."""
         try:
-            return self.log_path.read_text(errors="replace")[-4000:]
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def log_tail(self, size: int = 4000) -> str:
+        """The end of the log, for error messages."""
+        return self.log()[-size:]
 
     @property
     def pid(self) -> int:

@@ -258,10 +258,9 @@ def test_history_limits_in_redis(
 def start_degraded(*args: str) -> BrokerProcess:
     """A node whose /healthz is not 200 yet (it cannot reach Redis): started, not awaited."""
     node = BrokerProcess(*args)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ARTIFACTS.parent.parent)}
     cmd = [*node_cmd(node), *args]
-    with open(node.log_path, "ab") as log:
+    with node.open_log() as log:
         node.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + 10
     while True:
