@@ -319,6 +319,14 @@ class WorkerLink:
             return
         channel.send(message)
 
+    def send_packed(self, data: bytes) -> None:
+        channel = self.channel
+        if len(channel.out) > BUFFER_LIMIT:
+            self.hub.dropped += 1
+            return
+        channel.out += data
+        channel.sent_messages += 1
+
 
 class Hub:
     """The parent's routing state: positions, history, and who wants what."""
@@ -459,8 +467,14 @@ class Hub:
             ack = next(self._acks)
             epoch = entry.stream.epoch if entry.stream is not None else streams.position(topic)[0]
             self.acks[ack] = [origin, n, epoch, seq, len(frames), 0, list(frames)]
+        # Workers that need the same encodings get the same bytes: packed once.
+        packed: dict[tuple[bool, bool], bytes] = {}
         for link, (f0, f1) in frames.items():
-            link.send(["m", topic, seq, f0, f1, ack])
+            key = (f0 is None, f1 is None)
+            data = packed.get(key)
+            if data is None:
+                data = packed[key] = pack(["m", topic, seq, f0, f1, ack])
+            link.send_packed(data)
         stats.delivered += len(frames)  # messages forwarded to workers
         if n and not frames:
             epoch = streams.position(topic)[0]
