@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgpack
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -414,3 +415,26 @@ def test_workers_exit_when_the_parent_is_killed(
     while time.monotonic() < deadline and not all(_zombie_or_gone(p) for p in pids):
         time.sleep(0.05)
     assert all(_zombie_or_gone(p) for p in pids)
+
+
+def test_each_worker_gets_the_frames_of_the_encodings_it_holds(
+    workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    json_sub = on_worker(clients, workers, 0)
+    json_sub.request(op="subscribe", topic="enc.t")
+    for _ in range(MAX_TRIES):  # a msgpack subscriber on worker 1
+        with contextlib.ExitStack() as stack:
+            ws = stack.enter_context(
+                connect(workers.url, subprotocols=["pubsub.v1.msgpack"], open_timeout=5)  # type: ignore[list-item]
+            )
+            if ws.response.headers.get("x-broker-worker") != "1":
+                continue
+            ws.send(msgpack.packb({"op": "subscribe", "topic": "enc.*", "id": 1}))
+            assert msgpack.unpackb(ws.recv(5)) == {"op": "ack", "id": 1}
+            pub = on_worker(clients, workers, 2)
+            assert pub.request(op="publish", topic="enc.t", data={"b": 1})["delivered"] == 2
+            got = msgpack.unpackb(ws.recv(5))
+            assert got == {"op": "message", "topic": "enc.t", "data": {"b": 1}, "seq": 1}
+            assert json_sub.messages(1)[0]["seq"] == 1
+            return
+    raise AssertionError("no msgpack connection landed on worker 1")
