@@ -1,13 +1,14 @@
 """Positions and history of concrete topics: an epoch, a seq and a bounded ring of recent messages.
 
-Theory of operation: every concrete topic the broker sees (a subscribe or a publish) has a
-`Stream`: an `epoch`, a short random string, and `seq`, the number of its latest message (0 before
-the first). A pair (epoch, seq) names one message for good: the epoch is drawn anew whenever a
-counter starts over (a forgotten topic, a broker restart), so an old pair can never name a new
-message. A publish numbers the message (`append`) and keeps it in the stream's ring together with
-what fan-out made of it: the complete delivery frame per encoding (`Entry.json`/`.msgpack`, by
-`keep`). A replay therefore writes the very bytes that live subscribers got; a frame for an
-encoding that had no subscriber is made once, by the first replay that needs it (`frame`).
+Theory of operation: every concrete topic the broker sees (a subscribe or a publish; a history read
+creates none) has a `Stream`: an `epoch`, a short random string, and `seq`, the number of its latest
+message (0 before the first). A pair (epoch, seq) names one message for good: the epoch is drawn
+anew whenever a counter starts over (a forgotten topic, a broker restart), so an old pair can never
+name a new message. A publish numbers the message (`append`) and keeps it in the stream's ring
+together with what fan-out made of it: the complete delivery frame per encoding
+(`Entry.json`/`.msgpack`, by `keep`). A replay therefore writes the very bytes that live subscribers
+got; a frame for an encoding that had no subscriber is made once, by the first replay that needs it
+(`frame`).
 
 Limits, each counted in `Stats.history_evictions[reason]` (messages removed; the reasons are
 `metrics.HISTORY_EVICTION_REASONS`):
@@ -21,19 +22,19 @@ Limits, each counted in `Stats.history_evictions[reason]` (messages removed; the
     forgotten  positions are kept for `--seq-topics` topics (least recently published or created
                go first); a forgotten topic gets a new epoch when seen again, and its ring goes
 
-Memory accounting: an entry counts `ENTRY_OVERHEAD` (the entry, its frame list, its deque slot and
+Memory accounting: an entry counts `ENTRY_OVERHEAD` (the entry with its slots, its deque slot and
 the data object's header, measured with tracemalloc), the size of the request that carried it (a
 stand-in for the decoded data object, known without encoding anything) and the length of each
 frame it holds. The ring of a topic is contiguous: messages leave from the old end only, so
 "every message after seq N is still here" is one comparison with the oldest one's seq.
 
 The seam (issue 10): the router sees only the `Streams` protocol: `append` numbers and retains a
-message, `position` tells where a topic stands, `since` answers recovery and history requests,
-`frame` gives an entry's frame in an encoding, `expire` is the clock. `LocalStreams` is the
-in-process implementation. A Redis-backed one replaces it for a cluster: `append` becomes the
-atomic step in Redis (INCR the seq, append to a capped stream, PUBLISH), `since` reads that
-stream, and the `Entry` objects it returns keep the same role of a local frame cache.
-"""
+message, `keep` stores the frame fan-out made, `position` tells where a topic stands, `since`
+answers recovery and history requests, `frame` gives an entry's frame in an encoding, `expire` is
+the clock. `LocalStreams` is the in-process implementation. A Redis-backed one replaces it for a
+cluster: `append` becomes the atomic step in Redis (INCR the seq, append to a capped stream,
+PUBLISH), `since` reads that stream, and the `Entry` objects it returns keep the same role of a
+local frame cache."""
 
 from __future__ import annotations
 
