@@ -10,17 +10,22 @@ every topic (conflate), a gap it can see in `seq` (drop), or a close 1008 (disco
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
 from tests.conftest import BrokerProcess
+from tests.net.test_tls import payload, request, start_tls, wss
 from tests.test_resilience import rss_bytes
+from tests.tlsutil import Pki
 from tests.wsraw import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWs
 
 Ws = Callable[..., RawWs]
@@ -106,6 +111,21 @@ def read_messages(
     return got
 
 
+def queue_ages(broker: BrokerProcess) -> dict[str, float]:
+    """broker_queue_age_seconds from one scrape: cumulative count by `le`, and "sum"."""
+    with urllib.request.urlopen(broker.http + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "broker_queue_age_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    out[sample.labels["le"]] = sample.value
+                elif sample.name.endswith("_sum"):
+                    out["sum"] = sample.value
+    return out
+
+
 def by_topic(got: list[tuple[str, int]]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for topic, seq in got:
@@ -183,9 +203,12 @@ def test_conflate_slow_reader_ends_on_the_newest_message_of_every_topic(
     pub = raw_ws(broker)
     pub.send_json({"op": "publish", "topic": TOPICS[0], "data": "live"})
     assert read_messages(slow, lambda last: TOPICS[0] in last) == [(TOPICS[0], ROUNDS + 1)]
-    count = broker.metric("broker_queue_age_seconds_count")
-    assert count > 0
-    assert broker.metric("broker_queue_age_seconds_sum") > 0
+    ages = queue_ages(broker)  # one scrape: cumulative buckets, then the count
+    assert ages["+Inf"] > 0 and ages["sum"] > 0
+    # The slow reader's backlog lasted the whole run: at least one flush found it older than
+    # 65 ms (while the fast readers' flushes are in the first buckets).
+    assert ages["0.065536"] < ages["+Inf"]
+    assert ages["0.000128"] > 0
 
 
 @pytest.mark.timeout(120)
@@ -253,3 +276,45 @@ def test_disconnect_slow_reader_is_closed_with_1008(
     )
     assert broker.metric("broker_slow_consumers_total", 'policy="disconnect"') == 1
     assert broker.metric("broker_slow_consumers_total", 'policy="drop"') == 0
+
+
+@pytest.mark.timeout(120)
+def test_conflate_over_tls_ends_on_the_newest_of_each_topic(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    """The same promise when the backlog is ciphertext the TLS connection holds (its flush has
+    its own accounting): a reader that stops, then reads, ends on the newest of each topic."""
+    pki = Pki(tmp_path)
+    broker = start_tls(broker_factory, pki, "--overflow", "s.>=conflate")  # the 1 MiB mark
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", broker.port))
+    count, size = 60, 200_000  # 12 MB over two topics: far past the buffers and the mark
+    last: dict[str, int] = {}
+    with (
+        wss(broker, sock=raw, server_hostname="127.0.0.1", max_size=None, max_queue=1) as slow,
+        wss(broker) as pub,
+    ):
+        assert request(slow, op="subscribe", topic="s.>", id=1)["op"] == "ack"
+        for n in range(count):
+            topic = f"s.{n % 2}"
+            reply = request(pub, op="publish", topic=topic, data=payload(n, size), id=n)
+            assert reply["op"] == "ack"
+            last[topic] = n
+        assert broker.metric("broker_conflated_bytes") > 0
+        assert broker.metric("broker_slow_consumers_total", 'policy="conflate"') == 1
+        got: dict[str, list[int]] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(
+            (got.get(t) or [-1])[-1] != n for t, n in last.items()
+        ):
+            m = json.loads(slow.recv(10))
+            got.setdefault(m["topic"], []).append(int(m["data"][1:5]))
+        assert {t: ns[-1] for t, ns in got.items()} == last
+        for ns in got.values():
+            assert ns == sorted(set(ns)), ns
+        received = sum(map(len, got.values()))
+        dropped = broker.metric("broker_messages_dropped_total", 'reason="conflated"')
+        assert dropped > 0 and received + dropped == count
+        assert request(slow, op="ping", id=2)["op"] == "pong"
+    assert broker.wait_metric("broker_conflated_bytes", equals=0) == 0
