@@ -447,3 +447,29 @@ def test_rediss_with_a_password_and_a_database(
         assert "CERTIFICATE_VERIFY_FAILED" in untrusted.log()
     finally:
         server.stop()
+
+
+def test_workers_each_talk_to_redis(
+    redis: RedisServer, broker_factory: Callable[..., BrokerProcess], clients: Any
+) -> None:
+    """--workers 2 --redis: each worker is a node of the cluster (its own Redis connection)."""
+    host = broker_factory("--workers", "2", "--redis", redis.url)
+    single = broker_factory("--redis", redis.url)
+    by_worker: dict[str, Client] = {}
+    for _ in range(100):  # SO_REUSEPORT spreads by a hash: open until both workers hold one
+        c = clients(host)
+        by_worker.setdefault(c.ws.response.headers["x-broker-worker"], c)
+        if len(by_worker) == 2:
+            break
+    assert sorted(by_worker) == ["0", "1"]
+    subs = [*by_worker.values(), clients(single)]
+    for sub in subs:
+        assert sub.request(op="subscribe", topic="wk")["seq"] == 0
+    pub = clients(single)
+    for i in range(10):
+        pub.send(op="publish", topic="wk", data=i)
+    assert pub.request(op="publish", topic="wk", data=10)["delivered"] == 3
+    for sub in subs:
+        got = sub.messages(11)
+        assert [(m["seq"], m["data"]) for m in got] == [(i + 1, i) for i in range(11)]
+        assert sub.quiet(0.2) == []
