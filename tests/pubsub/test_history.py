@@ -87,19 +87,21 @@ def test_memory_limit_takes_the_least_recently_published_first() -> None:
     s = streams(memory=5 * each)
     for topic in ("a", "b", "c"):
         s.append(topic, "x", 100, now=0.0)
-    s.append("a", "x", 100, now=0.0)  # "b" is now the least recently published
+    s.append("b", "x", 100, now=0.0)  # "a" is now the least recently published
     s.append("c", "x", 100, now=0.0)
     assert s.held_bytes == 5 * each
-    s.append("a", "x", 100, now=0.0)  # over: "b" loses its whole history
-    assert list(s.retained) == ["c", "a"]
-    assert s.evictions["memory"] == 1
-    assert s.position("b") == (s.streams["b"].epoch, 1), "the position stays"
-    s.append("a", "x", 100, now=0.0)  # over again: "c" goes (2 messages)
-    assert list(s.retained) == ["a"] and s.evictions["memory"] == 3
+    s.append("a", "x", 100, now=0.0)  # over: "b" (now the least recent) loses its oldest
+    assert seqs(s, "b") == [2] and s.evictions["memory"] == 1
+    s.append("a", "x", 100, now=0.0)  # over again: "b" loses its last one and is gone
+    assert list(s.retained) == ["c", "a"] and s.evictions["memory"] == 2
+    assert s.position("b") == (s.streams["b"].epoch, 2), "the position stays"
+    s.append("a", "x", 100, now=0.0)  # then "c", oldest first
+    assert seqs(s, "c") == [2] and seqs(s, "a") == [1, 2, 3, 4]
     for _ in range(5):
-        s.append("a", "x", 100, now=0.0)  # alone over the limit: its oldest go
-    assert seqs(s, "a") == [5, 6, 7, 8, 9]
-    assert s.held_bytes == 5 * each == sum(e.size for e in s.streams["a"].entries)
+        s.append("a", "x", 100, now=0.0)  # alone over the limit: its own oldest go
+    assert list(s.retained) == ["a"] and seqs(s, "a") == [5, 6, 7, 8, 9]
+    assert s.held_bytes == 5 * each == sum(e.size for e in s.streams["a"].entries or ())
+    assert s.evictions["memory"] == 4 + 4
 
 
 def test_frames_count_against_memory_and_are_made_once() -> None:
