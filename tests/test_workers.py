@@ -20,9 +20,12 @@ from typing import Any
 
 import msgpack
 import pytest
+from broker_client import Backoff, ConnectionState, Message
+from broker_client import Client as BrokerClient
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from tests.clients.chaos import cut
 from tests.conftest import REPO, BrokerProcess, RedisServer, free_port
 
 WORKERS = 3
@@ -438,3 +441,43 @@ def test_each_worker_gets_the_frames_of_the_encodings_it_holds(
             assert json_sub.messages(1)[0]["seq"] == 1
             return
     raise AssertionError("no msgpack connection landed on worker 1")
+
+
+def test_the_python_client_recovers_by_itself_on_another_worker(workers: BrokerProcess) -> None:
+    def worker_of(client: BrokerClient) -> str:
+        ws = client._ws
+        assert ws is not None and ws.response is not None
+        return str(ws.response.headers.get("x-broker-worker"))
+
+    def wait_until(predicate: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.02)
+
+    got: list[Message] = []
+    lost: list[Any] = []
+    slow = Backoff(initial=0.3, maximum=0.3, jitter=0.0)  # an outage long enough to publish in
+    with (
+        BrokerClient(workers.url) as publisher,
+        BrokerClient(workers.url, backoff=slow, on_unrecovered=lost.append) as client,
+    ):
+        client.subscribe("pc.t", got.append)
+        publisher.publish("pc.t", 0)
+        wait_until(lambda: len(got) == 1, "the first message")
+        sent = 1
+        seen = {worker_of(client)}
+        for _ in range(20):  # reconnect until one lands on another worker (2 in 3 do)
+            if len(seen) > 1:
+                break
+            assert cut(client, rst=True)
+            wait_until(lambda: client.state is not ConnectionState.CONNECTED, "the cut")
+            for _ in range(3):
+                publisher.publish("pc.t", sent)
+                sent += 1
+            client.wait_for_state(ConnectionState.CONNECTED, timeout=5)
+            seen.add(worker_of(client))
+        wait_until(lambda: len(got) >= sent, "the replay")
+    assert len(seen) > 1, seen
+    assert [(m.seq, m.data) for m in got] == [(i + 1, i) for i in range(sent)]
+    assert lost == []
