@@ -630,6 +630,14 @@ class RedisLink(Backplane):
         elif self.state == UP:
             self._subscription(["PUNSUBSCRIBE", f"{self.prefix}:{pattern_glob(pattern)}"])
 
+    def barrier(self, done: Reply) -> None:
+        # Replies come in command order: once this PING's is here, Redis has run every
+        # (P)SUBSCRIBE sent before it. Down: at once (the interest is sent when Redis is back).
+        if self.state == UP:
+            self.command(["PING"], done)
+        else:
+            done(None)
+
     def unwant(self, pattern: str, encoding: int) -> None:
         super().unwant(pattern, encoding)
         interest = self.interest

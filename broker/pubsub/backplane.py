@@ -105,6 +105,12 @@ class Backplane:
         """True when the transport's outbound buffer is over its bound: refuse new requests."""
         return False
 
+    def barrier(self, done: Done) -> None:
+        """Call `done` once the hub has taken every interest change sent so far (the ack of a
+        wildcard subscribe waits for it, so a publish made elsewhere after the ack reaches it).
+        Here at once; the Redis transport waits for a PING's reply on its one connection."""
+        done(None)
+
     # -- what the router calls ---------------------------------------------------------------
 
     def want(self, pattern: str, encoding: int) -> None:

@@ -459,7 +459,8 @@ class Router:
         if is_pattern(topic):
             if self.subscribe(session, topic):
                 backplane.want(topic, encoding)
-            self.reply(session, messages.ack(req.id, encoding))
+            req_id = req.id
+            backplane.barrier(lambda _: self.reply(session, messages.ack(req_id, encoding)))
             return
         # Held in `patterns` now (limits, unsubscribe), entered in the sublist on the answer.
         patterns = session.patterns
