@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -196,6 +197,23 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     return config
 
 
+def _redis_url_problem(url: str) -> str | None:
+    """What is wrong with a --redis URL (net/redis.parse_url reads it), or None."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return "must be a redis:// or rediss:// URL"
+    if not parts.hostname:
+        return "the URL names no host"
+    try:
+        parts.port  # noqa: B018 (it raises ValueError when out of range)
+    except ValueError:
+        return "the URL's port is not 0-65535"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return "the URL's path must be a database number"
+    return None
+
+
 def validate(config: Config) -> list[str]:
     problems = []
     for name in ("max_message_size", "max_http_body", "outbound_high_water", "read_size"):
@@ -224,8 +242,10 @@ def validate(config: Config) -> list[str]:
         problems.append("handshake_burst must be at least 1 when handshake_rate is set")
     if config.history_size < 0 or config.history_ttl < 0:
         problems.append("history_size and history_ttl cannot be negative")
-    if config.redis and not config.redis.startswith(("redis://", "rediss://")):
-        problems.append("redis must be a redis:// or rediss:// URL")
+    if config.redis:
+        problem = _redis_url_problem(config.redis)
+        if problem:
+            problems.append(f"redis: {problem}")
     if config.redis_buffer < 1 or config.redis_timeout <= 0 or config.redis_keep <= 0:
         problems.append("redis_buffer, redis_timeout and redis_keep must be positive")
     if config.workers < 0:

@@ -41,7 +41,7 @@ from broker.net.connection import CLOSED, CLOSING, HTTP, LINGER, OPEN, Connectio
 from broker.net.hub import HubLink
 from broker.net.listener import Listener
 from broker.net.loop import EventLoop, Timer
-from broker.net.redis import RedisLink
+from broker.net.redis import RedisConfigError, RedisLink
 from broker.net.tls import TlsConnection, TlsSetupError, server_context
 from broker.pubsub.http_api import HttpApi
 from broker.pubsub.router import Router
@@ -599,6 +599,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("--tls-cert/--tls-key: %s", exc)  # noqa: TRY400
         return 1
     except AuthConfigError as exc:
+        log.error("%s", exc)  # noqa: TRY400
+        return 2
+    except RedisConfigError as exc:
         log.error("%s", exc)  # noqa: TRY400
         return 2
     except OSError as exc:

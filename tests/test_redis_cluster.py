@@ -483,3 +483,24 @@ def test_a_wildcard_is_in_place_in_redis_when_acked(
         assert sub.request(op="subscribe", topic=f"race{i}.*")["op"] == "ack"
         assert pub.request(op="publish", topic=f"race{i}.x", data=i)["op"] == "ack"
         assert [m["data"] for m in sub.messages(1, timeout=5)] == [i]
+
+
+def test_a_bad_redis_configuration_exits_with_a_reason() -> None:
+    import sys
+
+    for args, expected in (
+        (["--redis", "redis://"], b"names no host"),
+        (["--redis", "redis://127.0.0.1:99999/0"], b"port"),
+        (["--redis", "redis://127.0.0.1:6379/zero"], b"database number"),
+        (["--redis", "http://127.0.0.1"], b"redis:// or rediss://"),
+        (["--redis", "rediss://127.0.0.1:1/0", "--redis-ca", "/nonexistent/ca.pem"], b"redis-ca"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "broker", "--port", str(free_port()), *args],
+            env={**os.environ, "PYTHONPATH": str(ARTIFACTS.parent.parent)},
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert proc.returncode == 2, proc
+        assert expected in proc.stderr, proc.stderr

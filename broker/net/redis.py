@@ -233,6 +233,10 @@ def parse_message(msg: bytes) -> tuple[int, str, bytes]:
     return int(seq), epoch.decode(), payload
 
 
+class RedisConfigError(Exception):
+    """--redis or --redis-ca cannot be used; the message says why."""
+
+
 class _LostError(Exception):
     """The connection to Redis is gone."""
 
@@ -256,7 +260,10 @@ class RedisLink(Backplane):
         self._pattern_prefix = (prefix + ":").encode()
         self.tls_context: ssl.SSLContext | None = None
         if self.address.tls:
-            self.tls_context = ssl.create_default_context(cafile=config.redis_ca or None)
+            try:
+                self.tls_context = ssl.create_default_context(cafile=config.redis_ca or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise RedisConfigError(f"--redis-ca {config.redis_ca}: {exc}") from None
         self.state = DOWN
         self.sock: socket.socket | None = None
         self.fd = -1
