@@ -504,3 +504,38 @@ def test_a_bad_redis_configuration_exits_with_a_reason() -> None:
         )
         assert proc.returncode == 2, proc
         assert expected in proc.stderr, proc.stderr
+
+
+def test_the_python_client_through_a_redis_restart(
+    nodes: list[BrokerProcess], redis: RedisServer, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    """The library client on node 0 while Redis restarts without persistence: closed with 1012,
+    it reconnects and resubscribes by itself, is told it did not recover (new epoch), then gets
+    the new epoch's messages, numbered from 1."""
+    from broker_client import Client as BrokerClient
+    from broker_client import Message
+
+    got: list[Message] = []
+    lost: list[Any] = []
+    pub = clients(nodes[1])
+    with BrokerClient(nodes[0].url, on_unrecovered=lost.append) as client:
+        client.subscribe("rc.t", got.append)
+        assert pub.request(op="publish", topic="rc.t", data="before")["op"] == "ack"
+        deadline = time.monotonic() + 10
+        while not got:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        redis.kill()
+        redis.start()
+        for node in nodes[:2]:
+            wait_health(node, 200)
+        deadline = time.monotonic() + 15
+        while not lost:
+            assert time.monotonic() < deadline, "never told it did not recover"
+            time.sleep(0.05)
+        reply = pub.request(op="publish", topic="rc.t", data="after")
+        assert reply["op"] == "ack", reply
+        while len(got) < 2:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.02)
+    assert [(m.seq, m.data) for m in got] == [(1, "before"), (1, "after")]
