@@ -685,7 +685,9 @@ class RedisLink(Backplane):
         ]
 
         def done(reply: Any) -> None:
-            if not n:
+            if not n:  # no confirmation asked for; one lost in flight is at least counted
+                if reply is None:
+                    self.failed += 1
                 return
             if reply is None:
                 self.resolve(n, unavailable("Redis went away before confirming the publish"))
