@@ -237,6 +237,16 @@ class RedisConfigError(Exception):
     """--redis or --redis-ca cannot be used; the message says why."""
 
 
+class _Publish:
+    """A publish awaiting Redis' answer, kept in the reply queue (no closure per publish)."""
+
+    __slots__ = ("args", "n")
+
+    def __init__(self, n: int, args: list[Any]) -> None:
+        self.n = n  # 0: no confirmation asked for
+        self.args = args  # the script's keys and arguments, for an EVAL after NOSCRIPT
+
+
 class _LostError(Exception):
     """The connection to Redis is gone."""
 
@@ -273,7 +283,7 @@ class RedisLink(Backplane):
         self.outgoing: ssl.MemoryBIO | None = None
         self.reader = hiredis.Reader()
         self.out = bytearray()
-        self.replies: deque[Reply | None] = deque()
+        self.replies: deque[Reply | _Publish | None] = deque()
         self.attempts = 0
         self.reconnects = 0  # connections lost (or failed) after the first came up
         self.ever_up = False
@@ -291,7 +301,11 @@ class RedisLink(Backplane):
         # Topics whose gap is being read after a reconnection -> live messages meanwhile.
         self.filling: dict[str, list[tuple[int, str, bytes]]] = {}
         self._last: tuple[bytes, bytes] | None = None
-        self._refusals_logged = 0  # (channel topic, message) just delivered
+        self._refusals_logged = 0
+        # The epoch proposed with each publish, used by Redis only for a topic it does not know:
+        # drawn anew once Redis used it and at each connection, so no topic gets it twice.
+        self._candidate = new_epoch()
+        self._candidate_b = self._candidate.encode()  # (channel topic, message) just delivered
         self.on_gap: Callable[[str], None] = lambda topic: None
         self.messages_in = 0
         self.messages_out = 0
@@ -334,6 +348,7 @@ class RedisLink(Backplane):
         self.sock = sock
         self.fd = sock.fileno()
         self.reader = hiredis.Reader()
+        self._new_candidate()
         self.out.clear()
         self.replies.clear()
         self._last = None
@@ -461,8 +476,10 @@ class RedisLink(Backplane):
             if not replies:
                 raise _LostError("a reply nobody asked for")
             done = replies.popleft()
-            if done is not None:
-                done(reply)
+            if type(done) is _Publish:
+                self._published(done, reply)
+            elif done is not None:
+                done(reply)  # type: ignore[operator]
             if self.state == DOWN:  # a callback gave up on the connection
                 return
 
@@ -481,7 +498,7 @@ class RedisLink(Backplane):
         if pending:
             self._cipher += pending
 
-    def command(self, args: list[Any], done: Reply | None) -> None:
+    def command(self, args: list[Any], done: Reply | _Publish | None) -> None:
         """Queue one command; `done` gets its reply (None: the reply is dropped)."""
         self.out += hiredis.pack_command(tuple(args))
         self.replies.append(done)
@@ -564,9 +581,11 @@ class RedisLink(Backplane):
             self.reconnects += 1
         self.went_down()
         for done in replies:
-            if done is not None:
-                with contextlib.suppress(Exception):
-                    done(None)
+            with contextlib.suppress(Exception):
+                if type(done) is _Publish:
+                    self._published(done, None)
+                elif done is not None:
+                    done(None)  # type: ignore[operator]
         # Capped exponential backoff with jitter: nodes that lost Redis together do not all
         # knock at the same instant when it comes back.
         delay = min(BACKOFF_CAP, BACKOFF_FIRST * (2 ** min(self.attempts, 16)))
@@ -670,37 +689,52 @@ class RedisLink(Backplane):
 
     def send_publish(self, n: int, topic: str, data: Any, size: int) -> None:
         cfg = self.config
-        h, s = self._keys(topic)
+        base = f"{self.prefix}:{{{topic}}}"
         args = [
             2,
-            h,
-            s,
+            base + ":s",
+            base + ":h",
             pack(data),
-            new_epoch(),
+            self._candidate,
             cfg.history_size,
             int(cfg.history_ttl * 1000),
-            self._shard_channel(topic),
-            self._pattern_channel(topic),
+            base,
+            f"{self.prefix}:{topic}",
             int(cfg.redis_keep * 1000),
         ]
+        sha = self._shas.get("publish")
+        if sha is None:
+            self.command(["EVAL", PUBLISH_SCRIPT, *args], _Publish(n, args))
+        else:
+            self.command(["EVALSHA", sha, *args], _Publish(n, args))
 
-        def done(reply: Any) -> None:
-            if not n:  # no confirmation asked for; one lost in flight is at least counted
-                if reply is None:
-                    self.failed += 1
-                return
-            if reply is None:
+    def _new_candidate(self) -> None:
+        self._candidate = new_epoch()
+        self._candidate_b = self._candidate.encode()
+
+    def _published(self, entry: _Publish, reply: Any) -> None:
+        """Redis answered a publish (or the connection went: `reply` None)."""
+        n = entry.n
+        if type(reply) is list:
+            epoch = reply[0]
+            if epoch == self._candidate_b:
+                self._new_candidate()
+            if n:
+                self.resolve(n, (epoch.decode(), reply[1], reply[2]))
+        elif reply is None:
+            if n:
                 self.resolve(n, unavailable("Redis went away before confirming the publish"))
-            elif isinstance(reply, hiredis.ReplyError):
-                # OOM (maxmemory), LOADING, BUSY, READONLY...: not made, the client may retry.
-                self._refusals_logged += 1
-                if self._refusals_logged <= 10 or self._refusals_logged % 1000 == 0:
-                    log.error("Redis refused a publish: %s", reply)
+            else:  # no confirmation asked for; one lost in flight is at least counted
+                self.failed += 1
+        elif str(reply).startswith("NOSCRIPT") and self.state == UP:
+            self.command(["EVAL", PUBLISH_SCRIPT, *entry.args], entry)
+        else:
+            # OOM (maxmemory), LOADING, BUSY, READONLY...: not made, the client may retry.
+            self._refusals_logged += 1
+            if self._refusals_logged <= 10 or self._refusals_logged % 1000 == 0:
+                log.error("Redis refused a publish: %s", reply)
+            if n:
                 self.resolve(n, unavailable(f"Redis refused the publish: {reply}"))
-            else:
-                self.resolve(n, (reply[0].decode(), reply[1], reply[2]))
-
-        self._script("publish", PUBLISH_SCRIPT, args, done)
 
     def _read_args(self, topic: str, create: bool, epoch: str, seq: int, limit: int) -> list[Any]:
         cfg = self.config
