@@ -214,6 +214,22 @@ def test_a_wildcard_on_one_worker_sees_topics_published_on_the_others(
     assert watcher.quiet()
 
 
+def test_a_publish_after_a_wildcard_ack_reaches_it_from_any_worker(
+    workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    """The ack of a wildcard subscribe waits for the hub's barrier answer, so the hub holds the
+    interest before the client can act on the ack: no publish made after it can miss it."""
+    watcher = on_worker(clients, workers, 0)
+    publisher = on_worker(clients, workers, 1)
+    rounds = 30
+    for i in range(rounds):
+        watcher.request(op="subscribe", topic=f"race{i}.*")
+        publisher.ws.send(json.dumps({"op": "publish", "topic": f"race{i}.x", "data": i}))
+    got = watcher.messages(rounds)
+    assert sorted(m["data"] for m in got) == list(range(rounds))
+    assert watcher.quiet()
+
+
 def test_a_client_recovers_on_another_worker(
     workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
 ) -> None:

@@ -13,6 +13,7 @@ of the loop iteration, so a burst of publishes crosses in a few large writes.
     ["h", n, topic, epoch|None, seq, limit, budget]
     ["d", ack, delivered]   (after fanning out a message that carried an ack number)
     ["g", n, what]          (gather every process's "metrics" text or "stats" snapshot)
+    ["b", n]                (barrier: answered with ["r", n, None] once what came before is done)
     ["M", k, value]         (this worker's, for gathering k)
     ["u"]                   (this worker started: set up and listening)
 
@@ -197,6 +198,17 @@ class HubLink(Backplane):
     ) -> None:
         epoch, seq = (None, 0) if since is None else since
         self.channel.send(["h", n, topic, epoch, seq, limit, budget])
+
+    def barrier(self, done: Callable[[Any], None]) -> None:
+        # The hub handles one link's messages in order: its answer to this comes after it took
+        # every interest change sent before it, so a publish made anywhere after the ack of a
+        # wildcard subscribe reaches that subscriber.
+        if self.channel.closed or not self.up:
+            done(None)
+            return
+        n = next(self._numbers)
+        self.pending[n] = done
+        self.channel.send(["b", n])
 
     def ready(self) -> None:
         """Tell the supervisor this worker started (set up and listening)."""
@@ -428,6 +440,8 @@ class Hub:
             window = self.streams.since(topic, epoch, seq, limit, self.loop.now)
             found = window_messages(window, budget)
             link.send(["r", n, [window.epoch, window.seq, window.recovered, found]])
+        elif kind == "b":
+            link.send(["r", message[1], None])
         elif kind == "g":
             self._gather(link, message[1], message[2])
         elif kind == "u":

@@ -108,7 +108,8 @@ class Backplane:
     def barrier(self, done: Done) -> None:
         """Call `done` once the hub has taken every interest change sent so far (the ack of a
         wildcard subscribe waits for it, so a publish made elsewhere after the ack reaches it).
-        Here at once; the Redis transport waits for a PING's reply on its one connection."""
+        Here at once; the hub link waits for the hub's answer to a barrier message, the Redis
+        transport for a PING's reply on its one connection."""
         done(None)
 
     # -- what the router calls ---------------------------------------------------------------
