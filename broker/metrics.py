@@ -50,6 +50,9 @@ TLS_FAILURE_REASONS = ("plain_http", "protocol", "peer_alert", "timeout", "eof",
 REFUSE_REASONS = ("origin", "per_ip", "rate")  # broker.auth.perimeter.REASONS
 # Why messages left the history (pubsub/history.py says when each applies).
 HISTORY_EVICTION_REASONS = ("size", "ttl", "memory", "forgotten")
+# The connections that lag most are exported by rank, not by identity: a `remote` or `user` label
+# would make a series per connection (unbounded, churning). Who they are: GET /connections.
+TOP_LAG_RANKS = 5
 EVENT_KINDS = (
     ("in", select.EPOLLIN | select.EPOLLPRI),
     ("out", select.EPOLLOUT),
@@ -116,7 +119,8 @@ class Stats:
         self.iter_ns_sum += ns
 
 
-Gauges = Callable[[], dict[str, float]]
+# name -> value, or name -> values by rank (exported with rank="1".."n").
+Gauges = Callable[[], dict[str, float | list[float]]]
 
 
 class BrokerCollector(Collector):
@@ -291,7 +295,13 @@ class BrokerCollector(Collector):
                 value=len(backplane.pending),
             )
         for name, gauge in self.gauges().items():
-            yield GaugeMetricFamily(name, _GAUGE_HELP.get(name, name), value=gauge)
+            if isinstance(gauge, list):
+                ranked = GaugeMetricFamily(name, _GAUGE_HELP.get(name, name), labels=["rank"])
+                for rank, ranked_value in enumerate(gauge, 1):
+                    ranked.add_metric([str(rank)], ranked_value)
+                yield ranked
+            else:
+                yield GaugeMetricFamily(name, _GAUGE_HELP.get(name, name), value=gauge)
 
 
 _GAUGE_HELP = {
@@ -305,6 +315,9 @@ _GAUGE_HELP = {
     "broker_history_bytes": "Bytes of history, as counted against --history-memory",
     "broker_max_connections": "The connection limit (--max-connections or the open-files limit)",
     "broker_conflated_bytes": "Bytes held as the newest frame per topic for backed-up connections",
+    "broker_top_lag_seconds": "Age of the oldest queued frame of the connections that lag most, "
+    "by rank (GET /connections?sort=lag says who); 0 when fewer lag",
+    "broker_top_lag_bytes": "Bytes queued to the connections that lag most, by the same rank",
 }
 
 

@@ -36,7 +36,7 @@ from broker.auth.permissions import Grant
 from broker.auth.tokens import AuthConfigError, TokenVerifier
 from broker.config import Config
 from broker.errors import Closed
-from broker.metrics import Stats, make_registry, render
+from broker.metrics import TOP_LAG_RANKS, Stats, make_registry, render
 from broker.net.connection import CLOSED, CLOSING, HTTP, LINGER, OPEN, Connection
 from broker.net.hub import HubLink
 from broker.net.listener import Listener
@@ -362,8 +362,23 @@ class Server:
 
     # -- introspection -------------------------------------------------------------------------
 
-    def gauges(self) -> dict[str, float]:
+    def gauges(self) -> dict[str, float | list[float]]:
+        """The live gauges of a scrape. One walk of the connection table gives the queued and
+        conflated totals and the TOP_LAG_RANKS connections that lag most, ranked as GET
+        /connections?sort=lag ranks them (ranks without a lagging connection read 0)."""
         streams = self.router.streams
+        now = self.loop.now
+        queued = conflated = 0
+        lagging: list[Connection] = []
+        for conn in self._connections():
+            queued += conn.queued
+            if conn.conflated is not None:
+                conflated += conn.conflated.size
+            if conn.queued and conn.state in (OPEN, CLOSING):
+                lagging.append(conn)
+        lag = _CONNECTION_SORTS["lag"]
+        worst = heapq.nlargest(TOP_LAG_RANKS, lagging, key=lambda c: lag(c, now))
+        missing = [0.0] * (TOP_LAG_RANKS - len(worst))
         return {
             "broker_history_topics": streams.topics,
             "broker_history_messages": streams.messages,
@@ -371,10 +386,10 @@ class Server:
             "broker_connections": self.connections,
             "broker_subscriptions": self.router.sublist.subscriptions,
             "broker_topics": self.router.sublist.patterns,
-            "broker_outbound_queued_bytes": sum(c.queued for c in self._connections()),
-            "broker_conflated_bytes": sum(
-                c.conflated.size for c in self._connections() if c.conflated is not None
-            ),
+            "broker_outbound_queued_bytes": queued,
+            "broker_conflated_bytes": conflated,
+            "broker_top_lag_seconds": [_queue_age(c, now) for c in worst] + missing,
+            "broker_top_lag_bytes": [float(c.queued) for c in worst] + missing,
             "broker_max_connections": self.max_connections,
             "broker_uptime_seconds": time.time() - self.stats.started,
         }

@@ -10,6 +10,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
 from tests.auth.keys import SECRET, claims, sign
@@ -130,3 +132,87 @@ def test_admin_token_required_with_auth_on_and_user_reported(broker_factory: Fac
         body = get(broker, "/connections", sign(claims(admin=True)))[1]
         (conn,) = body["connections"]
         assert conn["user"] == "alice" and conn["subscriptions"] == 1
+
+
+def top_lag(broker: BrokerProcess) -> dict[str, dict[str, list[float]]]:
+    """/metrics' broker_top_lag_{seconds,bytes} as {"seconds"|"bytes": {worker: [rank 1..5]}}
+    (worker "" for one process)."""
+    with urllib.request.urlopen(broker.http + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, dict[str, list[float]]] = {"seconds": {}, "bytes": {}}
+    for family in text_string_to_metric_families(text):
+        kind = family.name.removeprefix("broker_top_lag_")
+        if kind not in out:
+            continue
+        assert family.type == "gauge", family
+        for sample in family.samples:
+            ranks = out[kind].setdefault(sample.labels.get("worker", ""), [0.0] * 5)
+            assert set(sample.labels) - {"worker"} == {"rank"}, sample  # no identities
+            ranks[int(sample.labels["rank"]) - 1] = sample.value
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "workers-2"])
+def test_top_lag_metrics_rank_slow_readers_and_fall_back(
+    broker_factory: Factory, raw_ws: Ws, workers: int
+) -> None:
+    """Two raw slow readers (tiny SO_RCVBUF, not reading) behind a publisher: exactly two ranks
+    show an age, each process's ranks are in order, and they read 0 again once one reader left
+    and the other drained."""
+    broker = broker_factory(
+        "--outbound-high-water", "65536", "--slow-consumer-policy", "drop",
+        "--workers", str(workers),
+    )  # fmt: skip
+    first = subscriber(raw_ws, broker, "bulk.a", rcvbuf=4096)
+    second = subscriber(raw_ws, broker, "bulk.b", rcvbuf=4096)
+    pub = raw_ws(broker)
+    time.sleep(0.2 if workers > 1 else 0)  # the subscriptions reach the other worker
+    idle = top_lag(broker)
+    assert len(idle["seconds"]) == workers and len(idle["bytes"]) == workers, idle
+    if workers > 1:
+        assert set(idle["seconds"]) == {"0", "1"}, idle  # labelled by the hub's gathering
+    # 4 MB to each, past the kernel's buffers and the mark; the first backlog starts earlier.
+    for topic in ("bulk.a", "bulk.b"):
+        for i in range(100):
+            for _ in range(4):
+                pub.send_json({"op": "publish", "topic": topic, "data": "x" * 10_000})
+            pub.send_json({"op": "ping", "id": i})
+            assert pub.recv_json()["op"] == "pong"
+
+    deadline = time.monotonic() + 10
+    while True:
+        lag = top_lag(broker)
+        ages = [a for ranks in lag["seconds"].values() for a in ranks]
+        if sum(a > 0 for a in ages) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert sum(a > 0 for a in ages) == 2, lag  # the two slow readers, and nobody else
+    for worker, ranks in lag["seconds"].items():
+        assert ranks == sorted(ranks, reverse=True), lag
+        sizes = lag["bytes"][worker]
+        assert all((s > 0) >= (a > 0) for a, s in zip(ranks, sizes, strict=True)), lag
+    assert max(max(b) for b in lag["bytes"].values()) > 65536 // 2, lag
+    if workers == 1:
+        (ranks,) = lag["seconds"].values()
+        # The same ranking as GET /connections?sort=lag, read a moment later.
+        status, body = get(broker, "/connections?sort=lag&limit=5")
+        listed = [c["queue_age_s"] for c in body["connections"]]
+        assert status == 200 and len(listed) == 3 and listed[2] == 0.0, body  # + the publisher
+        assert listed[0] >= ranks[0] and listed[1] >= ranks[1], (listed, ranks)
+        assert ranks[0] >= ranks[1] > 0, lag  # bulk.a's backlog is the older one
+
+    first.close()  # leaves with its backlog
+    second.sock.settimeout(1.0)  # drains: reads until the broker has nothing more for it
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            while second.sock.recv(1 << 16):
+                pass
+        except TimeoutError:
+            pass
+        lag = top_lag(broker)
+        ages = [a for ranks in lag["seconds"].values() for a in ranks]
+        sizes = [s for ranks in lag["bytes"].values() for s in ranks]
+        if (not any(ages) and not any(sizes)) or time.monotonic() > deadline:
+            break
+    assert not any(ages) and not any(sizes), lag
