@@ -119,12 +119,24 @@ class BrokerProcess:
         raise KeyError(wanted)
 
     def wait_metric(
-        self, name: str, labels: str = "", *, equals: float, timeout: float = 10.0
+        self,
+        name: str,
+        labels: str = "",
+        *,
+        equals: float | None = None,
+        at_least: float | None = None,
+        timeout: float = 10.0,
     ) -> float:
-        """Poll /metrics until the sample equals `equals` (bounded); returns the last value."""
+        """Poll /metrics until the sample equals `equals`, or reaches `at_least` (one of the
+        two), bounded by `timeout`; returns the last value."""
+        assert (equals is None) != (at_least is None), "give equals or at_least"
+
+        def done(value: float) -> bool:
+            return value == equals if at_least is None else value >= at_least
+
         deadline = time.monotonic() + timeout
         value = self.metric(name, labels)
-        while value != equals and time.monotonic() < deadline:
+        while not done(value) and time.monotonic() < deadline:
             time.sleep(0.05)
             value = self.metric(name, labels)
         return value

@@ -66,6 +66,9 @@ class RawWs:
         connection exists (a client that stops reading then stalls the broker quickly)."""
         self.sock = socket.socket()
         self.sock.settimeout(timeout)
+        # Each frame leaves when sent, as from a browser: with Nagle, a small frame written behind
+        # unacknowledged bulk waits for the peer's delayed ACK (~40 ms a round trip on loopback).
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if rcvbuf is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.buf = b""

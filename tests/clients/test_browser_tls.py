@@ -94,4 +94,5 @@ def test_pin_is_a_real_check(
     with pytest.raises(PlaywrightError, match="ERR_CERT_AUTHORITY_INVALID"):
         page.goto(other.http + "/")
     labels = 'reason="peer_alert"'
-    assert other.wait_metric("broker_tls_handshake_failures_total", labels, equals=1) >= 1
+    # Chromium may try the handshake more than once: at least one refusal, counted as an alert.
+    assert other.wait_metric("broker_tls_handshake_failures_total", labels, at_least=1) >= 1
