@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import REPO, BrokerProcess
-from tests.tlsutil import Pki
+from tests.tlsutil import Pki, ThreadSafeTls
 
 Factory = Callable[..., BrokerProcess]
 
@@ -42,8 +42,20 @@ def start_tls(factory: Factory, pki: Pki, *args: str, serial: int = 1001) -> Bro
     return factory("--tls-cert", str(cert), "--tls-key", str(key), *args, tls=pki.client_context())
 
 
-def wss(broker: BrokerProcess, **kw: Any) -> ClientConnection:
-    return connect(broker.url, ssl=broker.tls, open_timeout=5, **kw)
+def wss(
+    broker: BrokerProcess,
+    sock: socket.socket | None = None,
+    server_hostname: str = "127.0.0.1",
+    **kw: Any,
+) -> ClientConnection:
+    """A websockets sync client over wss://, its TLS in a ThreadSafeTls (see there why not an
+    SSLSocket); the URL given to websockets is ws:// as the socket is already TLS."""
+    assert broker.tls is not None
+    if sock is None:
+        sock = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
+    tls = ThreadSafeTls(sock, broker.tls, server_hostname, timeout=5)
+    url = broker.url.replace("wss://", "ws://", 1)
+    return connect(url, sock=tls, open_timeout=5, **kw)  # type: ignore[arg-type]
 
 
 def request(ws: ClientConnection, **req: Any) -> dict[str, Any]:
