@@ -251,16 +251,9 @@ class TlsConnection(Connection):
             if self.state == DRAINING and not out:
                 self._linger()
             return
-        try:
-            sent = self.sock.send(pending)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.abort(Closed.CLIENT_GONE)
+        sent = self._send(pending)
+        if sent < 0:
             return
-        stats = self.server.stats
-        stats.sends += 1
-        stats.bytes_sent += sent
         if sent == len(pending):
             self.cipher = b""
             self.queued = sum(map(len, out))  # frames a write could not take yet, if any

@@ -369,12 +369,7 @@ class Router:
         `size` is the size of the request that carried it (history memory accounting)."""
         stats = self.stats
         stats.published += 1
-        counts = self.topic_counts
-        n = counts.get(topic)
-        if n is not None:
-            counts[topic] = n + 1
-        elif len(counts) < TOPIC_RATES_MAX:
-            counts[topic] = 1
+        self._count(topic)
         streams = self.streams
         entry = streams.append(topic, data, size, self.now)
         seq = entry.seq
