@@ -49,6 +49,12 @@ class Config:
     close_timeout: float = _opt(5.0, "seconds to wait for the peer's close frame or drain")
     shutdown_timeout: float = _opt(10.0, "seconds SIGTERM waits for queues to drain")
     read_size: int = _opt(256 * 1024, "bytes asked of one recv()")
+    busy_flush_delay: float = _opt(
+        0.25,
+        "while clients send faster than the broker routes (a recv fills --read-size), deliveries "
+        "wait at most this many seconds to be written together: fewer, larger sends; "
+        "0 = write after every loop iteration",
+    )
     topic_cache_size: int = _opt(16384, "exact topics whose subscriber lists are cached")
     seq_topics: int = _opt(
         100_000, "topics whose positions (epoch, seq) are kept; the least recently used go"
@@ -224,6 +230,8 @@ def validate(config: Config) -> list[str]:
             problems.append(f"{name} must be positive")
     if not 0 <= config.port <= 65535:
         problems.append("port must be 0..65535")
+    if not 0 <= config.busy_flush_delay <= 10:
+        problems.append("busy_flush_delay must be 0..10 seconds")
     if config.max_subscriptions < 0 or config.max_connections < 0:
         problems.append("limits cannot be negative")
     if bool(config.tls_cert) != bool(config.tls_key):

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from broker.errors import Closed, HandshakeError
+from broker.metrics import Stats
 from broker.pubsub.http_api import Deferred, Response
 from broker.pubsub.session import Session
 from broker.wire.handshake import HttpExchange, HttpRequest, check_upgrade
@@ -116,7 +117,10 @@ class Connection(Session):
         except OSError:
             self.abort(Closed.CLIENT_GONE)
             return
-        server.stats.bytes_received += len(data)
+        n = len(data)
+        server.stats.bytes_received += n
+        if n == server.config.read_size:
+            server.busy = True  # more is waiting: the loop may write deliveries together
         self._received(data)
 
     def _received(self, data: bytes) -> None:
@@ -287,23 +291,21 @@ class Connection(Session):
 
     def flush(self) -> None:
         """Write what `out` holds with one send; arm EPOLLOUT for the rest. A paced replay
-        (`backlog`) goes first, one chunk per call, and `out` waits until it is written."""
+        (`backlog`) goes first, one chunk per call, and `out` waits until it is written.
+        (`flush_all` inlines the common case of this for the end of an iteration.)"""
         if self.backlog is not None and not self._flush_backlog():
             return
         out = self.out
         if not out or self.state == CLOSED:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
-        try:  # _send, inlined: this runs once per subscriber per iteration
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.abort(Closed.CLIENT_GONE)
-            return
-        stats = self.server.stats
-        stats.sends += 1
-        stats.bytes_sent += sent
+        sent = self._send(data)
+        if sent >= 0:
+            self._sent(data, sent)
+
+    def _sent(self, data: bytes | memoryview, sent: int) -> None:
+        """`sent` bytes of `data` (all of `out`) were written: keep the rest, update interest."""
+        out = self.out
         if sent == len(data):
             out.clear()
             self.queued = 0
@@ -482,3 +484,44 @@ class Connection(Session):
         self.partial = None
         self.rx = b""
         self.server.closed(self, self.reason or reason)
+
+
+def flush_all(sessions: list[Session], stats: Stats) -> None:
+    """Flush every buffer that filled in this iteration (the server's end of iteration).
+
+    `Connection.flush` for the steady state (an open plain connection, nothing held back, all
+    written), inlined: a message's last subscriber waits for the whole walk (W3 in
+    docs/benchmarks.md), so a method call and two counter updates per subscriber are worth
+    saving. Everything else goes through the connection's own `flush`."""
+    sends = 0
+    sent_bytes = 0
+    for conn in sessions:
+        if (
+            type(conn) is not Connection
+            or conn.mask != READING
+            or conn.state != OPEN
+            or conn.backlog is not None
+            or conn.since
+        ):
+            conn.flush()  # type: ignore[attr-defined]
+            continue
+        out = conn.out
+        if not out:
+            continue
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            conn.abort(Closed.CLIENT_GONE)
+            continue
+        sends += 1
+        sent_bytes += sent
+        if sent == len(data):
+            out.clear()
+            conn.queued = 0
+        else:
+            conn._sent(data, sent)
+    stats.sends += sends
+    stats.bytes_sent += sent_bytes

@@ -112,6 +112,9 @@ class EventLoop:
         self.on_signal: Callable[[int], None] = lambda signum: None
         self.after_events: list[Callable[[], None]] = []  # run once per iteration, in order
         self.running = False
+        # Set by the server while it holds deliveries back (Server._end_of_iteration): the
+        # next wait must not block, or held output would wait for input that may not come.
+        self.no_wait = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -148,6 +151,8 @@ class EventLoop:
                 timer.callback()
 
     def _timeout(self) -> float:
+        if self.no_wait:
+            return 0
         timers = self._timers
         while timers and timers[0][2].cancelled:
             heapq.heappop(timers)

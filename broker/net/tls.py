@@ -146,7 +146,10 @@ class TlsConnection(Connection):
         except OSError:
             self.abort(Closed.CLIENT_GONE)
             return
-        server.stats.bytes_received += len(data)
+        n = len(data)
+        server.stats.bytes_received += n
+        if n == server.config.read_size:
+            server.busy = True  # more is waiting (Connection.on_readable)
         if self.state >= DRAINING:  # DRAINING or LINGER: input is discarded until the EOF
             if not data:
                 self.abort(Closed.CLIENT_GONE)

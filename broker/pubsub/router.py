@@ -72,7 +72,7 @@ from broker.wire.messages import (
     is_pattern,
 )
 
-_ENCODINGS = tuple(Encoding)  # by value: the Sublist groups' order
+_JSON, _MSGPACK = Encoding  # by value: the order of the Sublist's groups
 
 # Topics whose publishes are counted per stats tick (GET /topics, the busiest list); publishes to
 # further topics in the same tick still count in the totals, not per topic.
@@ -113,6 +113,8 @@ class Router:
             stats.history_evictions,
         )
         self.dirty: list[Session] = []  # buffers that became non-empty this iteration
+        # A delivery found a buffer past half the high-water mark: write now, hold nothing back.
+        self.urgent = False
         self.over: list[Session] = []  # sessions to close as slow consumers (disconnect policy)
         self.overflow = OverflowPolicies(
             config.overflow, config.slow_consumer_policy, config.topic_cache_size
@@ -125,23 +127,18 @@ class Router:
 
     def handle(self, session: Session, payload: str | bytes, binary: bool) -> None:
         """Run one client message; replies go to `session.out`."""
-        req_id = None
+        req_id: Any = None
         try:
+            simple = None if binary else messages.simple_publish(payload)  # type: ignore[arg-type]
+            if simple is not None:
+                topic, data, req_id = simple
+                self._publish(session, topic, data, req_id, len(payload))
+                return
             req = messages.parse_request(payload, binary)
             req_id = req.id
             op = req.op
             if op == PUBLISH:
-                grant = session.grant
-                if grant is not None and not grant.may_publish(req.topic):
-                    self._forbid("publish", "publishing to this topic")
-                if self.config.publish_rate:
-                    self._check_rate(session)
-                if self.backplane is not None:
-                    self._publish_remote(session, req, len(payload))
-                    return
-                delivered = self.publish(req.topic, req.data, len(payload))
-                if req.id is not None:
-                    self.reply(session, messages.ack(req.id, session.encoding, delivered))
+                self._publish(session, req.topic, req.data, req_id, len(payload))
             elif op == SUBSCRIBE:
                 grant = session.grant
                 if grant is not None and not grant.may_subscribe(req.topic):
@@ -172,6 +169,19 @@ class Router:
             if exc.request_id is None:
                 exc.request_id = req_id
             self.reply(session, messages.error(exc, session.encoding))
+
+    def _publish(self, session: Session, topic: str, data: Any, req_id: Any, size: int) -> None:
+        grant = session.grant
+        if grant is not None and not grant.may_publish(topic):
+            self._forbid("publish", "publishing to this topic")
+        if self.config.publish_rate:
+            self._check_rate(session)
+        if self.backplane is not None:
+            self._publish_remote(session, topic, data, req_id, size)
+            return
+        delivered = self.publish(topic, data, size)
+        if req_id is not None:
+            self.reply(session, messages.ack(req_id, session.encoding, delivered))
 
     def handle_batch(self, session: Session, events: list[str | bytes | Ping]) -> None:
         """Run the messages of one read in order (text: JSON, bytes: msgpack) and answer its
@@ -372,20 +382,26 @@ class Router:
         self._count(topic)
         streams = self.streams
         entry = streams.append(topic, data, size, self.now)
-        seq = entry.seq
+        json_subs, msgpack_subs = self.sublist.match(topic)
         delivered = 0
-        for encoding, subs in zip(_ENCODINGS, self.sublist.match(topic), strict=False):
-            if not subs:
-                continue
-            try:
-                frame = messages.message(topic, data, seq, encoding)
-            except codec.EncodeError:
-                stats.dropped["unencodable"] += len(subs)
-                continue
-            streams.keep(entry, encoding, frame)
-            delivered += self._fan_out(subs, frame, topic)
+        if json_subs:
+            delivered = self._encode_fan_out(entry, topic, data, _JSON, json_subs)
+        if msgpack_subs:
+            delivered += self._encode_fan_out(entry, topic, data, _MSGPACK, msgpack_subs)
         stats.delivered += delivered
         return delivered
+
+    def _encode_fan_out(
+        self, entry: Entry, topic: str, data: Any, encoding: Encoding, subs: tuple[Session, ...]
+    ) -> int:
+        """Make the message's frame in `encoding`, keep it with the entry, queue it to `subs`."""
+        try:
+            frame = messages.message(topic, data, entry.seq, encoding)
+        except codec.EncodeError:
+            self.stats.dropped["unencodable"] += len(subs)
+            return 0
+        self.streams.keep(entry, encoding, frame)
+        return self._fan_out(subs, frame, topic)
 
     def _count(self, topic: str) -> None:
         """One publish to `topic` in this stats tick (bounded: see TOPIC_RATES_MAX)."""
@@ -399,6 +415,7 @@ class Router:
     def _fan_out(self, subs: tuple[Session, ...], frame: bytes, topic: str) -> int:
         """The hot loop: one append of the shared frame per subscriber, nothing copied."""
         high_water = self.config.outbound_high_water
+        half = high_water >> 1
         dirty = self.dirty
         size = len(frame)
         dropped = 0
@@ -406,9 +423,11 @@ class Router:
             queued = session.queued
             if not queued:
                 dirty.append(session)
-            elif queued > high_water:
-                dropped += self._overflow(session, topic, frame)
-                continue
+            elif queued > half:
+                if queued > high_water:
+                    dropped += self._overflow(session, topic, frame)
+                    continue
+                self.urgent = True
             session.out.append(frame)
             session.queued = queued + size
         if dropped:
@@ -417,13 +436,14 @@ class Router:
 
     # -- with a backplane (pubsub/backplane.py) ------------------------------------------------
 
-    def _publish_remote(self, session: Session, req: Request, size: int) -> None:
+    def _publish_remote(
+        self, session: Session, topic: str, data: Any, req_id: Any, size: int
+    ) -> None:
         """Hand a publish to the hub; acked (with `delivered` over every process) when it is
         confirmed. Refused at once with `unavailable` when it cannot go."""
         backplane = self.backplane
         assert backplane is not None
         done = None
-        req_id = req.id
         if req_id is not None:
 
             def done(result: Any) -> None:
@@ -434,9 +454,9 @@ class Router:
                 else:
                     self.reply(session, messages.ack(req_id, encoding, result[2]))
 
-        backplane.publish(req.topic, req.data, size, done)
+        backplane.publish(topic, data, size, done)
         self.stats.published += 1
-        self._count(req.topic)
+        self._count(topic)
 
     def publish_remote(self, topic: str, data: Any, size: int, done: Any) -> None:
         """An HTTP publish through the hub; `done` gets (epoch, seq, delivered) or the error."""

@@ -148,6 +148,35 @@ def _concrete(topic: object, what: str) -> str:
     return checked
 
 
+# The publish most clients send, as our clients write it: these keys in this order (compact or
+# as json.dumps spaces them), a topic and a string of printable ASCII without escapes, an
+# optional small integer id. For such text the JSON decoder, the checks for what it cannot hold
+# (lone surrogates, deep nesting) and the dict are not needed: the groups are the values.
+# Anything else takes `parse_request`.
+_SIMPLE_PUBLISH = re.compile(
+    r'\{"op": ?"publish", ?"topic": ?"([!#-\[\]-~]{1,256})", ?"data": ?"([ !#-\[\]-~]*)"'
+    r'(?:, ?"id": ?(0|[1-9][0-9]{0,14}))?\}'
+).fullmatch
+
+
+def simple_publish(payload: str) -> tuple[str, str, int | None] | None:
+    """(topic, data, id) of a publish in the common form above (`parse_request`'s answer for it,
+    in ~half the time), or None: then `parse_request` decides. Raises RequestError (with the id)
+    for a topic that is not a valid concrete topic."""
+    m = _SIMPLE_PUBLISH(payload)
+    if m is None:
+        return None
+    topic, data, number = m.groups()
+    req_id = None if number is None else int(number)
+    if topic not in _VALID_CONCRETE:
+        try:
+            topic = check_topic(topic, False)
+        except RequestError as exc:
+            exc.request_id = req_id
+            raise
+    return topic, data, req_id
+
+
 def parse_request(payload: str | bytes, binary: bool) -> Request:
     """Decode and validate one client message."""
     try:

@@ -329,3 +329,67 @@ def test_json_decode_fast_path_equals_the_decoder(value: Any) -> None:
         except codec.DecodeError:
             got = codec.DecodeError
         assert got == expected
+
+
+def _as_parsed(payload: str) -> tuple[str, Any, Any] | RequestError:
+    try:
+        req = parse_request(payload, False)
+    except RequestError as exc:
+        return exc
+    return req.topic, req.data, req.id
+
+
+_PRINTABLE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
+_publishes = st.builds(
+    lambda topic, data, req_id, compact, extra: json.dumps(
+        {
+            "op": "publish",
+            "topic": topic,
+            "data": data,
+            **({"id": req_id} if req_id else {}),
+            **extra,
+        },
+        separators=(",", ":") if compact else None,
+    ),
+    st.one_of(_PRINTABLE, st.sampled_from(["a.b", "a..b", "a.*", "a.>", "", "x" * 300, "é"])),
+    st.one_of(_PRINTABLE, st.text(max_size=10), st.integers()),
+    st.one_of(st.none(), st.integers(0, 2**70), st.integers(-5, -1), st.text(max_size=3)),
+    st.booleans(),
+    st.sampled_from([{}, {"since": 1}]),
+)
+
+
+@given(_publishes)
+def test_simple_publish_agrees_with_parse_request(payload: str) -> None:
+    """The publish fast path answers exactly as the full parser, or leaves it to it."""
+    try:
+        fast = messages.simple_publish(payload)
+    except RequestError as exc:
+        slow = _as_parsed(payload)
+        assert isinstance(slow, RequestError)
+        assert (exc.code, exc.message, exc.request_id) == (slow.code, slow.message, slow.request_id)
+        return
+    if fast is not None:
+        assert fast == _as_parsed(payload)
+
+
+def test_simple_publish_takes_the_common_forms() -> None:
+    assert messages.simple_publish('{"op":"publish","topic":"a.b","data":"x y"}') == (
+        "a.b",
+        "x y",
+        None,
+    )
+    spaced = json.dumps({"op": "publish", "topic": "t", "data": "", "id": 7})
+    assert messages.simple_publish(spaced) == ("t", "", 7)
+    # Escapes, non-ASCII, other types, other key orders: left to parse_request.
+    for payload in (
+        '{"op":"publish","topic":"t","data":"a\\"b"}',
+        '{"op":"publish","topic":"t","data":"\u00e9"}',
+        '{"op":"publish","topic":"t","data":5}',
+        '{"topic":"t","op":"publish","data":"x"}',
+        '{"op":"publish","topic":"t","data":"x","id":-1}',
+    ):
+        assert messages.simple_publish(payload) is None
+    with pytest.raises(RequestError) as caught:
+        messages.simple_publish('{"op":"publish","topic":"a.*","data":"x","id":3}')
+    assert caught.value.request_id == 3
