@@ -17,6 +17,20 @@ _LEN16 = struct.Struct("!BBH")
 _LEN64 = struct.Struct("!BBQ")
 
 
+# The 2-byte headers of final text frames of 0..125 bytes, made once (messages.message).
+TEXT_HEADERS = tuple(bytes((0x80 | OP_TEXT, n)) for n in range(126))
+
+
+def header(opcode: int, n: int) -> bytes:
+    """The header of a final, unmasked frame of `n` payload bytes."""
+    first = 0x80 | opcode
+    if n < 126:
+        return bytes((first, n))
+    if n < 0x10000:
+        return _LEN16.pack(first, 126, n)
+    return _LEN64.pack(first, 127, n)
+
+
 def frame(opcode: int, payload: bytes) -> bytes:
     """One final, unmasked frame carrying `payload`."""
     n = len(payload)

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 from broker.errors import ErrorCode, RequestError
 from broker.wire import codec
 from broker.wire.codec import Encoding
-from broker.wire.frames import OP_TEXT, frame
+from broker.wire.frames import OP_TEXT, TEXT_HEADERS, header
 
 _json_string = json_encoder.encode_basestring_ascii  # what json.dumps uses for str (ensure_ascii)
 
@@ -305,6 +305,18 @@ def error(err: RequestError, encoding: Encoding) -> bytes:
     return codec.encode(reply, encoding)
 
 
+# The start of a JSON delivery frame's body per topic, up to its data: made once per topic.
+# Bounded like _VALID_CONCRETE (emptied when full).
+_STARTS: dict[str, bytes] = {}
+
+
+def _start(topic: str) -> bytes:
+    if len(_STARTS) >= _VALID_CONCRETE_MAX:
+        _STARTS.clear()
+    start = _STARTS[topic] = b'{"op":"message","topic":%s,"data":' % _json_string(topic).encode()
+    return start
+
+
 def message(topic: str, data: Any, seq: int, encoding: Encoding) -> bytes:
     """The delivery frame, built once per publish and encoding and shared by all subscribers.
 
@@ -316,19 +328,14 @@ def message(topic: str, data: Any, seq: int, encoding: Encoding) -> bytes:
         if kind is str or kind is int:
             # The common case written directly: the same bytes json.dumps would give
             # (compact separators, ASCII escapes), without building a dict and an encoder.
-            value = _json_string(data) if kind is str else int.__repr__(data)
-            return frame(
-                OP_TEXT,
-                b"".join(
-                    (
-                        b'{"op":"message","topic":',
-                        _json_string(topic).encode(),
-                        b',"data":',
-                        value.encode(),
-                        b',"seq":%d}' % seq,
-                    )
-                ),
-            )
+            value = (_json_string(data) if kind is str else int.__repr__(data)).encode()
+            start = _STARTS.get(topic)
+            if start is None:
+                start = _start(topic)
+            end = b',"seq":%d}' % seq
+            n = len(start) + len(value) + len(end)
+            head = TEXT_HEADERS[n] if n < 126 else header(OP_TEXT, n)
+            return b"".join((head, start, value, end))  # frame and body in one copy
     if encoding is Encoding.JSON and isinstance(data, bytes | bytearray):
         body = {
             "op": "message",
