@@ -132,7 +132,7 @@ class Router:
             simple = None if binary else messages.simple_publish(payload)  # type: ignore[arg-type]
             if simple is not None:
                 topic, data, req_id = simple
-                self._publish(session, topic, data, req_id, len(payload))
+                self._publish(session, topic, data, req_id, len(payload), True)
                 return
             req = messages.parse_request(payload, binary)
             req_id = req.id
@@ -170,7 +170,11 @@ class Router:
                 exc.request_id = req_id
             self.reply(session, messages.error(exc, session.encoding))
 
-    def _publish(self, session: Session, topic: str, data: Any, req_id: Any, size: int) -> None:
+    def _publish(
+        self, session: Session, topic: str, data: Any, req_id: Any, size: int, plain: bool = False
+    ) -> None:
+        """`plain`: `data` is a string of printable ASCII without quotes or backslashes
+        (messages.simple_publish), so its JSON form is itself in quotes."""
         grant = session.grant
         if grant is not None and not grant.may_publish(topic):
             self._forbid("publish", "publishing to this topic")
@@ -179,7 +183,7 @@ class Router:
         if self.backplane is not None:
             self._publish_remote(session, topic, data, req_id, size)
             return
-        delivered = self.publish(topic, data, size)
+        delivered = self.publish(topic, data, size, plain)
         if req_id is not None:
             self.reply(session, messages.ack(req_id, session.encoding, delivered))
 
@@ -374,9 +378,10 @@ class Router:
         found = window_messages(window, self.config.max_message_size)
         return messages.history_body(window.epoch, window.seq, window.recovered, found, encoding)
 
-    def publish(self, topic: str, data: Any, size: int = 0) -> int:
+    def publish(self, topic: str, data: Any, size: int = 0, plain: bool = False) -> int:
         """Queue `data` to every subscriber of concrete `topic`; returns how many got it.
-        `size` is the size of the request that carried it (history memory accounting)."""
+        `size` is the size of the request that carried it (history memory accounting); `plain`
+        as in `_publish`."""
         stats = self.stats
         stats.published += 1
         counts = self.topic_counts  # _count, inlined: this runs once per publish
@@ -389,18 +394,24 @@ class Router:
         json_subs, msgpack_subs = self.sublist.match(topic)
         delivered = 0
         if json_subs:
-            delivered = self._encode_fan_out(entry, topic, data, _JSON, json_subs)
+            delivered = self._encode_fan_out(entry, topic, data, _JSON, json_subs, plain)
         if msgpack_subs:
             delivered += self._encode_fan_out(entry, topic, data, _MSGPACK, msgpack_subs)
         stats.delivered += delivered
         return delivered
 
     def _encode_fan_out(
-        self, entry: Entry, topic: str, data: Any, encoding: Encoding, subs: tuple[Session, ...]
+        self,
+        entry: Entry,
+        topic: str,
+        data: Any,
+        encoding: Encoding,
+        subs: tuple[Session, ...],
+        plain: bool = False,
     ) -> int:
         """Make the message's frame in `encoding`, keep it with the entry, queue it to `subs`."""
         try:
-            frame = messages.message(topic, data, entry.seq, encoding)
+            frame = messages.message(topic, data, entry.seq, encoding, plain)
         except codec.EncodeError:
             self.stats.dropped["unencodable"] += len(subs)
             return 0

@@ -317,18 +317,22 @@ def _start(topic: str) -> bytes:
     return start
 
 
-def message(topic: str, data: Any, seq: int, encoding: Encoding) -> bytes:
+def message(topic: str, data: Any, seq: int, encoding: Encoding, plain: bool = False) -> bytes:
     """The delivery frame, built once per publish and encoding and shared by all subscribers.
 
     Binary data on a JSON connection travels as base64 with "encoding":"base64" (protocol v1).
-    Raises codec.EncodeError when `data` has no form in `encoding`.
+    Raises codec.EncodeError when `data` has no form in `encoding`. `plain`: `data` is a string
+    that `simple_publish` matched, whose JSON form is itself in quotes (no escaping to do).
     """
     if encoding is codec.JSON:
         kind = type(data)
         if kind is str or kind is int:
             # The common case written directly: the same bytes json.dumps would give
             # (compact separators, ASCII escapes), without building a dict and an encoder.
-            value = (_json_string(data) if kind is str else int.__repr__(data)).encode()
+            if plain:
+                value = b'"%s"' % data.encode()
+            else:
+                value = (_json_string(data) if kind is str else int.__repr__(data)).encode()
             start = _STARTS.get(topic)
             if start is None:
                 start = _start(topic)

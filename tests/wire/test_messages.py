@@ -371,6 +371,11 @@ def test_simple_publish_agrees_with_parse_request(payload: str) -> None:
         return
     if fast is not None:
         assert fast == _as_parsed(payload)
+        # ...and its data needs no escaping: the delivery frame is the one json.dumps makes.
+        topic, data, _ = fast
+        assert messages.message(topic, data, 7, Encoding.JSON, plain=True) == messages.message(
+            topic, data, 7, Encoding.JSON
+        )
 
 
 def test_simple_publish_takes_the_common_forms() -> None:
