@@ -60,9 +60,9 @@ def test_each_message_is_encoded_once_per_encoding(monkeypatch: pytest.MonkeyPat
     calls: list[Encoding] = []
     real = router_module.messages.message
 
-    def counting(topic: str, data: Any, seq: int, encoding: Encoding) -> bytes:
+    def counting(topic: str, data: Any, seq: int, encoding: Encoding, plain: bool = False) -> bytes:
         calls.append(encoding)
-        return real(topic, data, seq, encoding)
+        return real(topic, data, seq, encoding, plain)
 
     monkeypatch.setattr(router_module.messages, "message", counting)
     subs = [Session(Encoding(i % 2)) for i in range(100)]
