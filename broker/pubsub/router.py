@@ -191,9 +191,26 @@ class Router:
         """Run the messages of one read in order (text: JSON, bytes: msgpack) and answer its
         pings with pongs, in their place among the replies."""
         handle = self.handle
+        # A publisher's batch, the common case: with nothing to check per session (no token, no
+        # rate limit, no backplane), a publish in the fast form goes straight to the fan-out
+        # (`_publish`'s last two steps, inlined: a call less per publish is 2% of W4's).
+        direct = session.grant is None and not self.config.publish_rate and self.backplane is None
+        simple_publish = messages.simple_publish
+        publish = self.publish
         for event in events:
             kind = type(event)
             if kind is str:
+                if direct:
+                    try:
+                        simple = simple_publish(event)  # type: ignore[arg-type]
+                    except RequestError:
+                        simple = None  # `handle` answers it
+                    if simple is not None:
+                        topic, data, req_id = simple
+                        delivered = publish(topic, data, len(event), True)
+                        if req_id is not None:
+                            self.reply(session, messages.ack(req_id, session.encoding, delivered))
+                        continue
                 handle(session, event, False)  # type: ignore[arg-type]
             elif kind is bytes:
                 handle(session, event, True)  # type: ignore[arg-type]
