@@ -108,7 +108,9 @@ class Config:
         16 << 20, "bytes queued to Redis before publishes are refused (unavailable)"
     )
     redis_timeout: float = _opt(
-        5.0, "seconds to connect, or to wait for a PING reply, before Redis counts as down"
+        5.0,
+        "seconds to look the host up and connect, or to wait for a PING reply, before Redis "
+        "counts as down",
     )
     redis_keep: float = _opt(
         7 * 86400.0, "seconds a topic's seq and epoch stay in Redis after its last use"

@@ -4,7 +4,8 @@ Each test starts its own redis-server (no persistence: `--save '' --appendonly n
 port and stops it by PID. Nodes are real broker processes. The checks are the issue's: delivery
 across nodes exactly once with the same seq, wildcards across nodes (topics with Redis glob
 characters included), recovery on another node, Redis restarted under load, a node started while
-Redis is unreachable, and a node that lost its connection recovering what it missed.
+Redis is unreachable, a node that lost its connection recovering what it missed, and a Redis
+named by a host name (looked up off the loop: tests/net/test_redis_lookup.py stalls that lookup).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -483,6 +485,29 @@ def test_a_wildcard_is_in_place_in_redis_when_acked(
         assert sub.request(op="subscribe", topic=f"race{i}.*")["op"] == "ack"
         assert pub.request(op="publish", topic=f"race{i}.x", data=i)["op"] == "ack"
         assert [m["data"] for m in sub.messages(1, timeout=5)] == [i]
+
+
+def test_a_redis_named_by_a_host_name(
+    redis: RedisServer,
+    broker_factory: Callable[..., BrokerProcess],
+    clients: Callable[[BrokerProcess], Client],
+) -> None:
+    """--redis redis://localhost:PORT: the name is looked up (off the loop, /etc/hosts here) and
+    the node is one of the cluster like a node given the address."""
+    first = socket.getaddrinfo("localhost", redis.port, type=socket.SOCK_STREAM)[0][4][0]
+    if first != "127.0.0.1":  # redis-server listens on 127.0.0.1 only
+        pytest.skip(f"localhost names {first} first here")
+    named = broker_factory("--redis", f"redis://localhost:{redis.port}/0")  # healthy: Redis up
+    by_address = broker_factory("--redis", redis.url)
+    assert "connected to Redis at localhost:" in named.log()
+    subs = [clients(named), clients(by_address)]
+    for sub in subs:
+        assert sub.request(op="subscribe", topic="named")["seq"] == 0
+    for i, pub in enumerate(clients(node) for node in (named, by_address)):
+        assert pub.request(op="publish", topic="named", data=i)["delivered"] == 2
+    for sub in subs:
+        assert [(m["seq"], m["data"]) for m in sub.messages(2)] == [(1, 0), (2, 1)]
+        assert sub.quiet(0.2) == []
 
 
 def test_a_bad_redis_configuration_exits_with_a_reason() -> None:

@@ -27,6 +27,10 @@ Some facts about epoll, and the choices they lead to (see also docs/design.md):
 * Signals reach the loop through `signal.set_wakeup_fd` on a socketpair registered in epoll. The
   Python-level handler only records the signal number; the loop acts on it between iterations, so a
   signal never interrupts a handler in the middle of a write.
+* Other threads (the Redis link's address lookup) hand work back the same way:
+  `call_soon_threadsafe` appends to a deque and writes the wake-up byte; the wake-up reader has
+  the deque drained with this iteration's timers, after dispatch, so a socket a callback opens
+  never takes the fd of an event still waiting in the batch. Nothing is added per iteration.
 * The epoll_wait timeout is the time to the next due timer. Timers are few and loop-wide (the
   keepalive sweep, a listener back-off, the shutdown deadline): per-connection deadlines are fields
   checked by the sweep, never timer objects.
@@ -42,6 +46,7 @@ import signal
 import socket
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable
 from operator import itemgetter
 from typing import Any, Protocol
@@ -111,6 +116,7 @@ class EventLoop:
         self.signals: list[int] = []
         self.on_signal: Callable[[int], None] = lambda signum: None
         self.after_events: list[Callable[[], None]] = []  # run once per iteration, in order
+        self.from_threads: deque[Callable[[], None]] = deque()  # see call_soon_threadsafe
         self.running = False
         # Set by the server while it holds deliveries back (Server._end_of_iteration): the
         # next wait must not block, or held output would wait for input that may not come.
@@ -174,6 +180,20 @@ class EventLoop:
         with contextlib.suppress(BlockingIOError):  # already woken
             self._wake_w.send(b"\0")
 
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """From any thread: run `callback` on the loop thread soon, with the timers of the
+        iteration that sees the wake-up. After `close` it is never run."""
+        self.from_threads.append(callback)  # deque.append is atomic: no lock
+        # Appended before the byte is sent, so the wake-up that follows finds it. The buffer
+        # full: a wake-up is already pending; closed (EBADF): the loop is gone.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _run_from_threads(self) -> None:
+        calls = self.from_threads
+        while calls:
+            calls.popleft()()
+
     # -- running -------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -219,9 +239,11 @@ _second = itemgetter(1)
 
 
 class _WakeReader:
-    """Drains the wake-up socket; the signal numbers it carries are recorded by the handler."""
+    """Drains the wake-up socket (the signal numbers it carries are recorded by the handler),
+    then has callbacks from other threads run with this iteration's timers."""
 
     def __init__(self, loop: EventLoop) -> None:
+        self.loop = loop
         self.sock = loop._wake_r
 
     def on_event(self, mask: int) -> None:
@@ -230,3 +252,7 @@ class _WakeReader:
                 pass
         except BlockingIOError:
             pass
+        # Checked after draining: a callback appended later sends its own byte, seen next time.
+        loop = self.loop
+        if loop.from_threads:
+            loop.call_later(0, loop._run_from_threads)

@@ -25,6 +25,11 @@ history and routes each message to the nodes that have a matching subscriber.
   (pipelined), bounded (--redis-buffer: past it publishes are refused). A PING a second measures
   the round trip and notices a dead peer (--redis-timeout). A lost connection fails every request
   in flight with `unavailable`, and is retried with capped exponential backoff and full jitter.
+* The address: an IP literal is used as it is. A name is looked up (getaddrinfo, which may wait
+  seconds on a slow or dead DNS server) in a daemon thread, whose answer comes back to the loop
+  through `EventLoop.call_soon_threadsafe`; the loop keeps serving meanwhile. The lookup counts
+  against the attempt's --redis-timeout like the TCP connect, and an answer is used only by the
+  attempt that asked, if it still waits: a late one is dropped.
 * After a reconnection, the node re-subscribes and reads, for every concrete topic it holds, the
   stream after the last seq it delivered: the gap the outage cost is delivered in order before the
   live messages that follow (buffered meanwhile). A gap Redis no longer holds (trimmed, or a new
@@ -36,15 +41,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import random
 import select
 import socket
 import ssl
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
@@ -233,6 +240,24 @@ def parse_message(msg: bytes) -> tuple[int, str, bytes]:
     return int(seq), epoch.decode(), payload
 
 
+AddrInfo = tuple[int, int, int, str, Any]  # one entry of socket.getaddrinfo's answer
+Resolver = Callable[[str, int], Sequence[AddrInfo]]  # (host, port) -> addresses, may block
+
+
+def lookup(host: str, port: int) -> Sequence[AddrInfo]:
+    """The resolver of a name: getaddrinfo, which may block on DNS (so never on the loop)."""
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+def is_ip_literal(host: str) -> bool:
+    """Whether `host` is an address (IPv4, IPv6 with or without a zone) rather than a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class RedisConfigError(Exception):
     """--redis or --redis-ca cannot be used; the message says why."""
 
@@ -255,10 +280,19 @@ Reply = Callable[[Any], None]  # called with the reply, a hiredis.ReplyError, or
 
 
 class RedisLink(Backplane):
-    """A node's backplane: one RESP3 connection to Redis in the node's loop."""
+    """A node's backplane: one RESP3 connection to Redis in the node's loop. `resolve` looks a
+    host name up in a worker thread (a test hands in one that stalls)."""
 
-    def __init__(self, config: Config, loop: EventLoop, router: Router, stats: Stats) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loop: EventLoop,
+        router: Router,
+        stats: Stats,
+        resolve: Resolver = lookup,
+    ) -> None:
         super().__init__()
+        self.resolve_host = resolve
         self.config = config
         self.address = parse_url(config.redis)
         self.loop = loop
@@ -285,6 +319,7 @@ class RedisLink(Backplane):
         self.out = bytearray()
         self.replies: deque[Reply | _Publish | None] = deque()
         self.attempts = 0
+        self._try = 0  # numbers every attempt, never reset: a lookup's answer names its attempt
         self.reconnects = 0  # connections lost (or failed) after the first came up
         self.ever_up = False
         self.rtt = 0.0  # seconds, the last PING's round trip
@@ -332,15 +367,56 @@ class RedisLink(Backplane):
         self._timer = None
         addr = self.address
         self.attempts += 1
-        self.state = CONNECTING
+        self._try += 1
+        self.state = CONNECTING  # with no socket yet while the name is looked up
         self._deadline = self.loop.now + self.config.redis_timeout
+        if is_ip_literal(addr.host):
+            # AI_NUMERICHOST: parsed, never sent to DNS, so it cannot block the loop.
+            try:
+                info = socket.getaddrinfo(
+                    addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+                )
+            except OSError as exc:
+                self._failed(f"bad address {addr.host}: {exc}")
+                return
+            self._open(info[0])
+            return
+        # A name: the lookup runs in a daemon thread (shutdown never waits for one stuck on DNS)
+        # and its answer comes back on the loop thread. One stuck lookup holds its thread until
+        # getaddrinfo gives up (resolv.conf's timeout x attempts); the backoff spaces attempts,
+        # so a dead DNS server costs a few threads, never the loop.
+        token, resolve, loop = self._try, self.resolve_host, self.loop
+
+        def look_up() -> None:
+            result: Sequence[AddrInfo] | Exception
+            try:
+                result = resolve(addr.host, addr.port)
+            except Exception as exc:  # any failure (OSError, UnicodeError...) fails the attempt
+                result = exc
+            loop.call_soon_threadsafe(lambda: self._resolved(token, result))
+
         try:
-            # getaddrinfo blocks: an IP literal or /etc/hosts name costs nothing, DNS may.
-            info = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
-            family, kind, proto, _, sockaddr = info[0]
+            threading.Thread(target=look_up, name="redis-lookup", daemon=True).start()
+        except RuntimeError as exc:  # can't start new thread (a process or memory limit)
+            self._failed(f"cannot look {addr.host} up: {exc}")
+
+    def _resolved(self, token: int, result: Sequence[AddrInfo] | Exception) -> None:
+        """On the loop thread: a lookup is done. Used only by the attempt that started it, and
+        only while that attempt still waits (not timed out, not closed)."""
+        if token != self._try or self.state != CONNECTING or self.sock is not None:
+            return
+        if isinstance(result, Exception) or not result:
+            self._failed(f"cannot resolve {self.address.host}: {result or 'no address'}")
+            return
+        self._open(result[0])
+
+    def _open(self, info: AddrInfo) -> None:
+        """Start the non-blocking TCP connect to one resolved address."""
+        family, kind, proto, _, sockaddr = info
+        try:
             sock = socket.socket(family, kind, proto)
-        except OSError as exc:
-            self._failed(f"cannot resolve {addr.host}: {exc}")
+        except OSError as exc:  # EMFILE...
+            self._failed(f"socket: {exc}")
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -597,7 +673,9 @@ class RedisLink(Backplane):
         now = self.loop.now
         if self.state in (CONNECTING, HANDSHAKE):
             if now > self._deadline:
-                self._lost(f"no answer within {self.config.redis_timeout:g} s")
+                # Still looking the name up: the attempt fails as a silent connect would.
+                what = "no address for " + self.address.host if self.sock is None else "no answer"
+                self._lost(f"{what} within {self.config.redis_timeout:g} s")
             return
         if self.state != UP:
             return

@@ -1,16 +1,20 @@
 """Loop behaviour seen from outside: no busy loop at rest, EPOLLOUT only under backpressure,
-writes coalesced per iteration, and the flags and environment that configure it."""
+writes coalesced per iteration, and the flags and environment that configure it; and, in this
+process, callbacks handed to the loop by other threads."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
 import pytest
 
+from broker.metrics import Stats
+from broker.net.loop import EventLoop
 from tests.conftest import REPO, BrokerProcess
 from tests.wsraw import OP_TEXT, RawWs, encode_frame
 
@@ -103,3 +107,32 @@ def test_bad_configuration_exits_with_usage() -> None:
         )
         assert proc.returncode == 2, proc
         assert b"usage: broker" in proc.stderr
+
+
+def test_call_soon_threadsafe_runs_callbacks_on_the_loop_thread() -> None:
+    """Every callback from two threads runs once, on the loop's thread, each thread's in order."""
+    loop = EventLoop(Stats(), 1024)
+    ran: list[tuple[int, int, int]] = []
+    per_thread = 200
+
+    def produce(k: int) -> None:
+        for i in range(per_thread):
+            loop.call_soon_threadsafe(lambda i=i: ran.append((k, i, threading.get_ident())))
+
+    producers = [threading.Thread(target=produce, args=(k,)) for k in range(2)]
+    try:
+        for t in producers:
+            t.start()
+        deadline = time.monotonic() + 5
+        while len(ran) < 2 * per_thread and time.monotonic() < deadline:
+            loop.call_later(0.05, lambda: None)  # bounds each wait
+            loop.run_once()
+        for t in producers:
+            t.join(5)
+        assert len(ran) == 2 * per_thread
+        assert {ident for _, _, ident in ran} == {threading.get_ident()}
+        for k in range(2):
+            assert [i for kk, i, _ in ran if kk == k] == list(range(per_thread))
+    finally:
+        loop.close()
+    loop.call_soon_threadsafe(lambda: None)  # after close: dropped, no error
