@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from broker_client import _tls
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -299,7 +300,8 @@ def test_per_address_limit_over_tls(broker_factory: Factory, tmp_path: Path) -> 
     )
 
     def wss() -> ClientConnection:
-        return connect(b.url, ssl=tls, source_address=(ATTACKER, 0), open_timeout=5)
+        sock = socket.create_connection(("127.0.0.1", b.port), 5, source_address=(ATTACKER, 0))
+        return _tls.connect(b.url, ssl=tls, sock=sock, open_timeout=5)
 
     with wss(), pytest.raises(InvalidStatus) as err, wss():
         pass

@@ -10,11 +10,8 @@ import base64
 import datetime
 import hashlib
 import ipaddress
-import socket
 import ssl
-import threading
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -102,102 +99,3 @@ class Pki:
     def client_context(self) -> ssl.SSLContext:
         """A client context that trusts only this CA and checks the host name."""
         return ssl.create_default_context(cafile=str(self.ca_path))
-
-
-class ThreadSafeTls:
-    """A TLS client socket two threads may use at once, for websockets' sync client (it reads in
-    a background thread while the caller sends).
-
-    OpenSSL forbids SSL_read and SSL_write on one SSL object at the same time, and an
-    `ssl.SSLSocket` shared that way does exactly that: under CPU load about one opening handshake
-    in 250 hung until the client's timeout (0 in 3,600 with one thread or asyncio). Here the TLS
-    state is an SSLObject used under a lock, and socket I/O happens outside it; every record read
-    is decrypted at once, so no plaintext waits where the reader's selector cannot see it.
-    """
-
-    def __init__(
-        self, sock: socket.socket, context: ssl.SSLContext, server_hostname: str, timeout: float
-    ) -> None:
-        self.sock = sock
-        self.family = sock.family
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._in, self._out, server_hostname=server_hostname)
-        self._lock = threading.Lock()  # the SSLObject and its BIOs
-        self._send_lock = threading.Lock()  # ciphertext leaves in the order it was made
-        sock.settimeout(timeout)
-        while True:
-            try:
-                self._tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._send_pending()
-                data = sock.recv(65536)
-                if not data:
-                    raise ConnectionError("EOF during the TLS handshake") from None
-                self._in.write(data)
-        self._send_pending()
-        sock.settimeout(None)
-
-    def _send_pending(self) -> None:
-        with self._send_lock:
-            with self._lock:
-                data = self._out.read()
-            if data:
-                self.sock.sendall(data)
-
-    def sendall(self, data: bytes) -> None:
-        with self._send_lock:
-            with self._lock:
-                self._tls.write(data)
-                out = self._out.read()
-            self.sock.sendall(out)
-
-    def recv(self, bufsize: int) -> bytes:
-        while True:
-            chunks = []
-            with self._lock:
-                try:
-                    while chunk := self._tls.read(1 << 16):
-                        chunks.append(chunk)
-                    return b"".join(chunks)  # then the peer's close_notify
-                except ssl.SSLWantReadError:
-                    pass
-                except ssl.SSLZeroReturnError:
-                    return b"".join(chunks)
-                pending = self._out.pending
-            if pending:
-                self._send_pending()  # TLS's own answers (a key update)
-            if chunks:
-                return b"".join(chunks)
-            data = self.sock.recv(65536)
-            if not data:
-                return b""
-            with self._lock:
-                self._in.write(data)
-
-    def version(self) -> str | None:
-        return self._tls.version()
-
-    def getpeercert(self, binary_form: bool = False) -> Any:
-        return self._tls.getpeercert(binary_form)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def settimeout(self, timeout: float | None) -> None:
-        self.sock.settimeout(timeout)
-
-    def setsockopt(self, *args: Any) -> None:
-        self.sock.setsockopt(*args)
-
-    def shutdown(self, how: int) -> None:
-        self.sock.shutdown(how)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def getsockname(self) -> Any:
-        return self.sock.getsockname()
-
-    def getpeername(self) -> Any:
-        return self.sock.getpeername()

@@ -4,7 +4,8 @@ Theory of operation: as in `aio`, with a thread where the async client has a tas
 thread owns the connection: it reads every frame into the `Session`, and after a loss it fails
 waiting requests, sleeps out the backoff, reconnects and re-subscribes; CONNECTED means every
 pattern is acknowledged again. Caller threads send (under one lock, so frames never interleave) and
-block on a `concurrent.futures.Future` that the reader resolves.
+block on a `concurrent.futures.Future` that the reader resolves. As two threads read and write one
+connection, wss:// runs over `_tls.ThreadSafeTls`, not an `ssl.SSLSocket` (OpenSSL forbids that).
 
 Subscriptions are blocking iterators over a `queue.SimpleQueue`, or callbacks run in the reader
 thread. A callback must not make a request that waits for an answer (only `publish(...,
@@ -28,7 +29,7 @@ from types import TracebackType
 from typing import Any, Literal, Self, overload
 
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection
 
 from ._common import (
     ClientBase,
@@ -40,6 +41,7 @@ from ._common import (
     revoked_patterns,
     wrong_subprotocol,
 )
+from ._tls import connect
 from .errors import (
     BrokerClientError,
     ClientClosedError,
@@ -346,9 +348,9 @@ class Client(ClientBase):
     def _open(self) -> ClientConnection:
         self._fetch_token()
         try:
-            # legacy=True (websockets >= 17.1): we own the connection's life (the reader thread
-            # closes it), so opt in to the plain-connection form instead of a context manager.
-            ws = connect(self.url, legacy=True, **self._connect_options())
+            # websockets' connect in its plain-connection form (the reader thread owns the
+            # connection's life); wss:// runs over a _tls.ThreadSafeTls (see there why).
+            ws = connect(self.url, **self._connect_options())
         except Exception as exc:
             raise self._open_failed(exc) from exc
         problem = wrong_subprotocol(self._codec, ws.subprotocol)

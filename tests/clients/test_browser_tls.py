@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker_client._tls import connect
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect, sync_playwright
-from websockets.sync.client import connect
 
 from tests.clients.test_browser import CHROMIUM, CHROMIUM_ARGS, open_page, subscribe_in_ui
 from tests.conftest import BrokerProcess

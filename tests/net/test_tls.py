@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker_client._tls import connect
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection
 
 from tests.conftest import REPO, BrokerProcess
-from tests.tlsutil import Pki, ThreadSafeTls
+from tests.tlsutil import Pki
 
 Factory = Callable[..., BrokerProcess]
 
@@ -48,14 +49,17 @@ def wss(
     server_hostname: str = "127.0.0.1",
     **kw: Any,
 ) -> ClientConnection:
-    """A websockets sync client over wss://, its TLS in a ThreadSafeTls (see there why not an
-    SSLSocket); the URL given to websockets is ws:// as the socket is already TLS."""
+    """A websockets sync client over wss://, its TLS in the client library's ThreadSafeTls (see
+    broker_client/_tls.py why not an SSLSocket)."""
     assert broker.tls is not None
-    if sock is None:
-        sock = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
-    tls = ThreadSafeTls(sock, broker.tls, server_hostname, timeout=5)
-    url = broker.url.replace("wss://", "ws://", 1)
-    return connect(url, sock=tls, open_timeout=5, **kw)  # type: ignore[arg-type]
+    return connect(
+        broker.url,
+        ssl=broker.tls,
+        sock=sock,
+        server_hostname=server_hostname,
+        open_timeout=5,
+        **kw,
+    )
 
 
 def request(ws: ClientConnection, **req: Any) -> dict[str, Any]:
