@@ -181,6 +181,37 @@ def test_replay_far_over_the_high_water_mark_reaches_a_full_speed_reader(
     assert broker.metric("broker_messages_dropped_total", 'reason="slow_consumer"') == 0
 
 
+def test_a_paced_replay_counts_as_queued_bytes_not_as_lag(
+    broker_factory: Callable[..., BrokerProcess], raw_ws: Ws
+) -> None:
+    """A replay waiting behind a client's full socket is in broker_outbound_queued_bytes and in
+    GET /connections as replay_bytes (not queued_bytes: it is not lag); both go to 0 once read."""
+    broker = broker_factory("--outbound-high-water", "65536", "--history-size", "2000")
+    pub = raw_ws(broker)
+    epoch = subscribe(pub, "big")["epoch"]
+    payload = "z" * 1000
+    for n in range(1, 1501):
+        pub.send_json({"op": "publish", "topic": "big", "data": payload, "id": n})
+        while pub.recv_json()["op"] != "ack":
+            pass
+    c = raw_ws(broker, rcvbuf=4096)  # a small window: the replay stalls behind it unread
+    c.send_json({"op": "subscribe", "topic": "big2", "id": 1})  # any reply, then stop reading
+    assert c.recv_json()["op"] == "ack"
+    c.send_json({"op": "subscribe", "topic": "big", "id": 2, "since": {"epoch": epoch, "seq": 0}})
+    # ~1.5 MB replayed; the kernel takes some (its buffers grow), the rest waits in the broker.
+    queued = broker.wait_metric("broker_outbound_queued_bytes", at_least=300_000)
+    assert queued >= 300_000
+    with urllib.request.urlopen(broker.http + "/connections?sort=lag", timeout=5) as r:
+        rows = json.load(r)["connections"]
+    stalled = max(rows, key=lambda row: row["replay_bytes"])
+    assert stalled["replay_bytes"] >= 300_000
+    assert stalled["queued_bytes"] < 100_000
+    assert c.recv_json()["recovered"] is True
+    got = [c.recv_json()["seq"] for _ in range(1500)]
+    assert got == list(range(1, 1501))
+    assert broker.wait_metric("broker_outbound_queued_bytes", equals=0) == 0
+
+
 def test_history_op_and_http_route(broker: BrokerProcess, raw_ws: Ws) -> None:
     c = raw_ws(broker)
     epoch = subscribe(c, "h.t")["epoch"]
