@@ -696,7 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def tune_gc() -> None:
-    """Collect less often than CPython's default for a program that makes few objects.
+    """Collect garbage less often than CPython's default, which suits programs that make few
+    objects.
 
     A busy broker makes and frees a message's objects (its entry in history, its frames) on
     every publish, and holds hundreds of thousands of long-lived ones (connections, retained
