@@ -96,6 +96,11 @@ class Config:
         "worker processes sharing the port (SO_REUSEPORT) under a supervising parent that "
         "routes messages between them; 1 = one process, 0 = one per core",
     )
+    worker_timeout: float = _opt(
+        30.0,
+        "with --workers: a worker whose loop sent no heartbeat (one a second) for this many "
+        "seconds is hung: the parent kills it (SIGKILL) and restarts it; 0 = off, else >= 1",
+    )
     # -- redis cluster (net/redis.py) --
     redis: str = _opt(
         "",
@@ -260,6 +265,10 @@ def validate(config: Config) -> list[str]:
         problems.append("redis_buffer, redis_timeout and redis_keep must be positive")
     if config.workers < 0:
         problems.append("workers cannot be negative")
+    # Below 1 s a long loop iteration (a large fan-out, a GC pause) would kill healthy workers;
+    # `not >=` also refuses NaN.
+    if config.worker_timeout != 0 and not config.worker_timeout >= 1:
+        problems.append("worker_timeout must be 0 (off) or at least 1 second")
     if config.history_memory < 1 or config.seq_topics < 1:
         problems.append("history_memory and seq_topics must be positive")
     # -- overflow --

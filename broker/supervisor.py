@@ -18,6 +18,15 @@ the single process would fail: restarting it would fail the same way. SIGTERM/SI
 passed to every worker as SIGTERM (each drains its clients with 1001); the parent exits 0 once
 all have exited, killing any still alive after --shutdown-timeout plus a grace. SIGHUP is
 passed on (TLS reload).
+
+Hung workers (`--worker-timeout`, as gunicorn's worker timeout): an exit is seen at once, a hang
+is not (a handler in an endless loop, a SIGSTOP: the socket stays open). So each worker's loop
+sends a heartbeat over its socket once a second (net/hub.py); a watch timer here, on the same
+cadence, SIGKILLs a listening worker the hub has read nothing from for longer than the timeout,
+counted in `broker_worker_timeouts_total`. Its exit then takes the path of any other (reaped,
+restarted with the back-off). A worker still starting sends no heartbeats yet: it has
+`START_GRACE` (or the timeout, if longer) from its start to report listening, and a worker
+killed that way is restarted too, never taken for one that cannot start.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from prometheus_client.registry import Collector
 
 from broker.config import Config
 from broker.metrics import Stats
-from broker.net.hub import Hub
+from broker.net.hub import Hub, heartbeat_interval
 from broker.net.loop import EventLoop
 
 log = logging.getLogger("broker.supervisor")
@@ -47,6 +56,7 @@ MAX_BACKOFF = 5.0
 FIRST_BACKOFF = 0.1
 KILL_GRACE = 5.0  # after --shutdown-timeout, then SIGKILL
 REAP_INTERVAL = 0.05
+START_GRACE = 30.0  # seconds a worker may take to report listening (imports, TLS, a busy host)
 
 
 def worker_count(cfg: Config) -> int:
@@ -59,7 +69,7 @@ def worker_count(cfg: Config) -> int:
 
 
 class Worker:
-    __slots__ = ("failures", "index", "proc", "ready", "restarts", "started")
+    __slots__ = ("failures", "index", "killed", "listening", "proc", "ready", "restarts", "started")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -68,6 +78,8 @@ class Worker:
         self.failures = 0  # quick deaths in a row
         self.restarts = 0
         self.ready = False  # this worker has started once (said so over its socket)
+        self.listening = False  # this process of it said so (heartbeats due from then on)
+        self.killed = False  # this process was killed for its silence (--worker-timeout)
 
 
 class Supervisor:
@@ -87,6 +99,7 @@ class Supervisor:
         self.port: int = self.reserved.getsockname()[1]
         self.workers = [Worker(i) for i in range(worker_count(cfg))]
         self.restarts = 0
+        self.timeouts = 0  # workers killed by _watch
         self.stopping = False
         self.exit_code = 0
         self.registry = CollectorRegistry(auto_describe=False)
@@ -117,11 +130,51 @@ class Supervisor:
             return
         theirs.close()
         worker.started = time.monotonic()
+        worker.listening = worker.killed = False
         self.hub.attach(worker.index, ours)
         log.info("worker %d started, pid %d", worker.index, worker.proc.pid)
 
     def _ready(self, index: int) -> None:
-        self.workers[index].ready = True
+        worker = self.workers[index]
+        worker.ready = worker.listening = True
+
+    def _watch(self) -> None:
+        """Kill (SIGKILL) every worker silent past --worker-timeout: its loop is stuck. Runs
+        every heartbeat interval; the hub's `seen` is updated by any read from the worker."""
+        if self.stopping:
+            return
+        timeout = self.config.worker_timeout
+        now = self.loop.now
+        for worker in self.workers:
+            link = self.hub.links.get(worker.index)
+            proc = worker.proc
+            if link is None or proc is None or worker.killed:
+                continue  # not running, being reaped, or already killed
+            if worker.listening:
+                silent, allowed = now - link.seen, timeout
+            else:  # no heartbeats before listening: the start grace, from its start
+                silent, allowed = now - worker.started, max(timeout, START_GRACE)
+            if silent <= allowed:
+                continue
+            if worker.listening:
+                log.warning(
+                    "worker %d (pid %d) silent for %.1f s (--worker-timeout %g): hung; killing it",
+                    worker.index,
+                    proc.pid,
+                    silent,
+                    timeout,
+                )
+            else:
+                log.warning(
+                    "worker %d (pid %d) not listening %.1f s after its start: hung; killing it",
+                    worker.index,
+                    proc.pid,
+                    silent,
+                )
+            worker.killed = True
+            self.timeouts += 1
+            proc.kill()  # its socket closes: _detached reaps and restarts it
+        self.loop.call_later(heartbeat_interval(timeout), self._watch)
 
     def _detached(self, index: int) -> None:
         """Worker `index` closed its socket: reap it, then restart it unless stopping."""
@@ -143,7 +196,7 @@ class Supervisor:
             if all(w.proc is None for w in self.workers):
                 self.loop.stop()
             return
-        if not worker.ready and code:
+        if not worker.ready and code and not worker.killed:
             # It never started (a certificate that does not load, a port taken...): so would
             # every restart. Fail as a single process would, with its exit code.
             log.error("worker %d could not start (exit %s); stopping", worker.index, code)
@@ -192,6 +245,8 @@ class Supervisor:
         self.loop.handle_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         for worker in self.workers:
             self.spawn(worker)
+        if self.config.worker_timeout > 0:
+            self.loop.call_later(heartbeat_interval(self.config.worker_timeout), self._watch)
         log.info(
             "broker supervising %d workers on %s:%d (ws://%s:%d/ws); pid %d",
             len(self.workers),
@@ -226,6 +281,11 @@ class _HubCollector(Collector):
         )
         yield CounterMetricFamily(
             "broker_worker_restarts", "Workers restarted after they died", value=sup.restarts
+        )
+        yield CounterMetricFamily(
+            "broker_worker_timeouts",
+            "Workers killed (SIGKILL, then restarted) for no heartbeat within --worker-timeout",
+            value=sup.timeouts,
         )
         yield CounterMetricFamily(
             "broker_hub_messages", "Messages numbered and routed by the hub", value=s.published

@@ -25,6 +25,7 @@ from broker_client import Client as BrokerClient
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from broker.config import Config, validate
 from tests.clients.chaos import cut
 from tests.conftest import REPO, BrokerProcess, RedisServer, free_port
 
@@ -497,3 +498,83 @@ def test_the_python_client_recovers_by_itself_on_another_worker(workers: BrokerP
     assert len(seen) > 1, seen
     assert [(m.seq, m.data) for m in got] == [(i + 1, i) for i in range(sent)]
     assert lost == []
+
+
+# -- --worker-timeout: a hung worker is killed and restarted ------------------------------------
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll `predicate` until true or `timeout` seconds pass (errors count as false)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(AssertionError, OSError):
+            if predicate():
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def _served(client: Client) -> None:
+    reply = client.request(op="publish", topic="alive", data=client.worker)
+    assert reply["op"] == "ack", reply
+
+
+def test_a_hung_worker_is_killed_and_restarted(
+    broker_factory: Callable[..., BrokerProcess], clients: Callable[[BrokerProcess], Client]
+) -> None:
+    broker = broker_factory("--workers", "2", "--worker-timeout", "2", "--shutdown-timeout", "3")
+    for index in (0, 1):
+        _served(on_worker(clients, broker, index))
+    hung = worker_pid(broker, 1)
+    os.kill(hung, signal.SIGSTOP)  # its socket stays open: only the missing heartbeats tell
+    try:
+        stopped = time.monotonic()
+        assert _wait_for(lambda: _zombie_or_gone(hung), 15), "the hung worker was not killed"
+        silent = time.monotonic() - stopped
+        # Killed for the timeout, not before it: the last heartbeat came at most one interval
+        # (0.5 s at a 2 s timeout) before the SIGSTOP.
+        assert silent >= 1.4, silent
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGCONT)
+    assert _wait_for(lambda: worker_pid(broker, 1) != hung, 10), "worker 1 was not restarted"
+    assert broker.wait_metric("broker_worker_timeouts_total", 'worker="hub"', equals=1) == 1
+    assert broker.wait_metric("broker_worker_restarts_total", 'worker="hub"', equals=1) == 1
+    assert broker.wait_metric("broker_workers", 'worker="hub"', equals=2) == 2
+    for index in (0, 1):  # new clients are served by both workers again
+        _served(on_worker(clients, broker, index))
+    assert f"worker 1 (pid {hung}) silent for" in broker.log()
+
+
+def test_healthy_idle_workers_are_not_killed(
+    broker_factory: Callable[..., BrokerProcess], clients: Callable[[BrokerProcess], Client]
+) -> None:
+    """Idle workers still send heartbeats: several timeouts of quiet restart nothing."""
+    broker = broker_factory("--workers", "2", "--worker-timeout", "1")
+    pids = {index: worker_pid(broker, index) for index in (0, 1)}
+    time.sleep(5)  # five timeouts with no client at all
+    assert {index: worker_pid(broker, index) for index in (0, 1)} == pids
+    assert broker.metric("broker_worker_timeouts_total", 'worker="hub"') == 0
+    assert broker.metric("broker_worker_restarts_total", 'worker="hub"') == 0
+    for index in (0, 1):
+        _served(on_worker(clients, broker, index))
+    assert "hung" not in broker.log()
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [("0", True), ("1", True), ("30", True), ("0.5", False), ("-1", False), ("nan", False)],
+)
+def test_worker_timeout_is_validated(value: str, ok: bool) -> None:
+    problems = validate(Config(worker_timeout=float(value)))
+    assert (problems == []) is ok, problems
+    if not ok:
+        proc = subprocess.run(
+            [sys.executable, "-m", "broker", "--workers", "2", "--worker-timeout", value],
+            check=False,
+            capture_output=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert proc.returncode == 2
+        assert b"worker_timeout must be 0 (off) or at least 1 second" in proc.stderr

@@ -16,6 +16,7 @@ of the loop iteration, so a burst of publishes crosses in a few large writes.
     ["b", n]                (barrier: answered with ["r", n, None] once what came before is done)
     ["M", k, value]         (this worker's, for gathering k)
     ["u"]                   (this worker started: set up and listening)
+    ["a"]                   (alive: a heartbeat from the worker's loop timer, see below)
 
 The hub (`Hub`) keeps the positions and history (`LocalStreams`, as a single process does) and
 a `Sublist` of (worker, encoding) targets built from the workers' interest messages: a publish is
@@ -26,6 +27,13 @@ delivered to, and the origin's `n` is resolved with the total once all have (or 
 Since one socket carries both the messages and the answers, in order, a worker never sees a
 message older than a position it was given after it (backplane.py's recovery buffer stays
 empty of anything newer).
+
+Liveness (`--worker-timeout`): once listening, a worker's loop sends ["a"] every
+`heartbeat_interval` seconds from a timer, so a heartbeat proves the loop itself still turns (a
+handler stuck in a loop, a SIGSTOP: no heartbeat). The hub notes when it last read anything from
+each worker (`WorkerLink.seen`, once per recv, not per message); the supervisor's watch timer
+kills a worker silent for longer than the timeout. One small message a second per worker, on a
+timer: nothing is added to the publish path.
 
 Bounds: a worker that stops reading its socket must not grow the hub without limit: past
 `BUFFER_LIMIT` bytes queued to it, messages to it are dropped and counted
@@ -61,8 +69,15 @@ READ_SIZE = 1 << 20
 BUFFER_LIMIT = 64 << 20
 JSON_EXT = 1  # msgpack extension type: data msgpack cannot carry (an int over 64 bits), as JSON
 GATHER_TIMEOUT = 2.0  # seconds the hub waits for workers' metrics before answering without them
+HEARTBEAT = 1.0  # seconds between a worker's heartbeats (fewer than 4 per --worker-timeout: more)
 _WANT = select.EPOLLIN | select.EPOLLRDHUP
 _packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """Seconds between heartbeats (and between the supervisor's checks) for `--worker-timeout`:
+    at least four fit in the timeout, so one late iteration is not taken for a hung loop."""
+    return min(HEARTBEAT, timeout / 4)
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
@@ -167,6 +182,7 @@ class HubLink(Backplane):
         self.render_metrics: Callable[[], bytes] = lambda: b""
         self.render_stats: Callable[[], dict[str, Any]] = dict
         self.on_lost: Callable[[], None] = lambda: None
+        self._beat_every = HEARTBEAT
         loop.after_events.append(self.flush)
         self.came_up()
 
@@ -211,8 +227,20 @@ class HubLink(Backplane):
         self.channel.send(["b", n])
 
     def ready(self) -> None:
-        """Tell the supervisor this worker started (set up and listening)."""
+        """Tell the supervisor this worker started (set up and listening); from now on it holds
+        the worker to --worker-timeout, so the heartbeats start here."""
         self.channel.send(["u"])
+        timeout = self.router.config.worker_timeout
+        if timeout > 0:
+            self._beat_every = heartbeat_interval(timeout)
+            self.loop.call_later(self._beat_every, self._beat)
+
+    def _beat(self) -> None:
+        # Sent from a loop timer, not a thread: a loop that stops turning stops the heartbeats.
+        if self.channel.closed:
+            return
+        self.channel.send(["a"])
+        self.loop.call_later(self._beat_every, self._beat)
 
     def gather_metrics(self, done: Callable[[bytes], None]) -> None:
         """Every process's metrics, labelled by worker (answered by the hub)."""
@@ -306,6 +334,7 @@ class WorkerLink:
         self.targets = (Target(self, 0), Target(self, 1))
         self.patterns: set[tuple[str, int]] = set()
         self.channel = Channel(sock, hub.loop.register, self)
+        self.seen = hub.loop.now  # when the hub last read from this worker (--worker-timeout)
 
     def on_event(self, mask: int) -> None:
         if mask & select.EPOLLOUT:
@@ -316,6 +345,7 @@ class WorkerLink:
         if found is None:
             self.hub.detach(self)
             return
+        self.seen = self.hub.loop.now  # any message proves the worker alive, not only ["a"]
         handle = self.hub.handle
         for message in found:
             try:
@@ -446,6 +476,8 @@ class Hub:
             self._gather(link, message[1], message[2])
         elif kind == "u":
             self.on_ready(link.index)
+        elif kind == "a":
+            pass  # a heartbeat: reading it set link.seen, which is all it is for
         elif kind == "M":
             gather = self.gathers.get(message[1])
             if gather is not None and link.index in gather[3]:
