@@ -186,11 +186,19 @@ def test_a_paced_replay_counts_as_queued_bytes_not_as_lag(
 ) -> None:
     """A replay waiting behind a client's full socket is in broker_outbound_queued_bytes and in
     GET /connections as replay_bytes (not queued_bytes: it is not lag); both go to 0 once read."""
-    broker = broker_factory("--outbound-high-water", "65536", "--history-size", "2000")
+    # More than the kernel can take while the client does not read: the broker's send buffer
+    # grows up to net.ipv4.tcp_wmem's maximum whatever the client's window; 2 MB more stay.
+    with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+        kernel_max = int(f.read().split()[2])
+    payload = "z" * 4000
+    count = (kernel_max + 2_000_000) // len(payload) + 1
+    memory = str(4 * count * len(payload))
+    broker = broker_factory(
+        "--outbound-high-water", "65536", "--history-size", str(count), "--history-memory", memory
+    )
     pub = raw_ws(broker)
     epoch = subscribe(pub, "big")["epoch"]
-    payload = "z" * 1000
-    for n in range(1, 1501):
+    for n in range(1, count + 1):
         pub.send_json({"op": "publish", "topic": "big", "data": payload, "id": n})
         while pub.recv_json()["op"] != "ack":
             pass
@@ -198,17 +206,16 @@ def test_a_paced_replay_counts_as_queued_bytes_not_as_lag(
     c.send_json({"op": "subscribe", "topic": "big2", "id": 1})  # any reply, then stop reading
     assert c.recv_json()["op"] == "ack"
     c.send_json({"op": "subscribe", "topic": "big", "id": 2, "since": {"epoch": epoch, "seq": 0}})
-    # ~1.5 MB replayed; the kernel takes some (its buffers grow), the rest waits in the broker.
-    queued = broker.wait_metric("broker_outbound_queued_bytes", at_least=300_000)
-    assert queued >= 300_000
+    queued = broker.wait_metric("broker_outbound_queued_bytes", at_least=1_000_000)
+    assert queued >= 1_000_000
     with urllib.request.urlopen(broker.http + "/connections?sort=lag", timeout=5) as r:
         rows = json.load(r)["connections"]
     stalled = max(rows, key=lambda row: row["replay_bytes"])
-    assert stalled["replay_bytes"] >= 300_000
+    assert stalled["replay_bytes"] >= 1_000_000
     assert stalled["queued_bytes"] < 100_000
     assert c.recv_json()["recovered"] is True
-    got = [c.recv_json()["seq"] for _ in range(1500)]
-    assert got == list(range(1, 1501))
+    got = [c.recv_json()["seq"] for _ in range(count)]
+    assert got == list(range(1, count + 1))
     assert broker.wait_metric("broker_outbound_queued_bytes", equals=0) == 0
 
 
