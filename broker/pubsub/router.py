@@ -125,11 +125,16 @@ class Router:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def handle(self, session: Session, payload: str | bytes, binary: bool) -> None:
-        """Run one client message; replies go to `session.out`."""
+    def handle(
+        self, session: Session, payload: str | bytes, binary: bool, simple_form: bool = True
+    ) -> None:
+        """Run one client message; replies go to `session.out`. `simple_form` False: the caller
+        found it is not a publish in `messages.simple_publish`'s form (skip that test)."""
         req_id: Any = None
         try:
-            simple = None if binary else messages.simple_publish(payload)  # type: ignore[arg-type]
+            simple = None
+            if simple_form and not binary:
+                simple = messages.simple_publish(payload)  # type: ignore[arg-type]
             if simple is not None:
                 topic, data, req_id = simple
                 self._publish(session, topic, data, req_id, len(payload), True)
@@ -203,14 +208,17 @@ class Router:
                 if direct:
                     try:
                         simple = simple_publish(event)  # type: ignore[arg-type]
-                    except RequestError:
-                        simple = None  # `handle` answers it
-                    if simple is not None:
-                        topic, data, req_id = simple
-                        delivered = publish(topic, data, len(event), True)
-                        if req_id is not None:
-                            self.reply(session, messages.ack(req_id, session.encoding, delivered))
+                    except RequestError:  # a bad topic: `handle` answers it
+                        handle(session, event, False)  # type: ignore[arg-type]
                         continue
+                    if simple is None:  # any other request: the full parser, no second test
+                        handle(session, event, False, False)  # type: ignore[arg-type]
+                        continue
+                    topic, data, req_id = simple
+                    delivered = publish(topic, data, len(event), True)
+                    if req_id is not None:
+                        self.reply(session, messages.ack(req_id, session.encoding, delivered))
+                    continue
                 handle(session, event, False)  # type: ignore[arg-type]
             elif kind is bytes:
                 handle(session, event, True)  # type: ignore[arg-type]

@@ -33,10 +33,4 @@ def header(opcode: int, n: int) -> bytes:
 
 def frame(opcode: int, payload: bytes) -> bytes:
     """One final, unmasked frame carrying `payload`."""
-    n = len(payload)
-    first = 0x80 | opcode
-    if n < 126:
-        return bytes((first, n)) + payload
-    if n < 0x10000:
-        return _LEN16.pack(first, 126, n) + payload
-    return _LEN64.pack(first, 127, n) + payload
+    return header(opcode, len(payload)) + payload

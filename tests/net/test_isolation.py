@@ -50,10 +50,10 @@ def test_exception_closes_only_that_connection(
 ) -> None:
     real: Callable[..., Any] = Router.handle
 
-    def faulty(self: Router, session: Any, payload: Any, binary: bool) -> None:
+    def faulty(self: Router, session: Any, payload: Any, *rest: Any) -> None:
         if "boom" in str(payload):
             raise RuntimeError("injected bug")
-        real(self, session, payload, binary)
+        real(self, session, payload, *rest)
 
     monkeypatch.setattr(Router, "handle", faulty)
     port = server.listener.address[1]
