@@ -4,7 +4,7 @@
 run: .venv/bin/broker
 	.venv/bin/broker
 
-.venv/bin/broker: pyproject.toml
+.venv/bin/broker: pyproject.toml setup.py $(wildcard broker/*/*.c)
 	test -x .venv/bin/python || python3 -m venv .venv
 	.venv/bin/python -m pip install -q -e .
 	touch .venv/bin/broker

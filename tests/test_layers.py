@@ -1,4 +1,5 @@
-"""Imports point one way: net -> pubsub -> wire; auth, config, errors and metrics are leaves."""
+"""Imports point one way: net -> pubsub -> wire; auth, config, errors, metrics and speedups
+are leaves."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ BROKER = Path(__file__).resolve().parent.parent / "broker"
 # What each layer may import from the broker package (besides itself).
 ALLOWED = {
     "wire": {"errors"},
-    "pubsub": {"wire", "errors", "config", "metrics", "auth"},
-    "net": {"pubsub", "wire", "errors", "config", "metrics", "auth", "server"},  # server: types
+    "pubsub": {"wire", "errors", "config", "metrics", "auth", "speedups"},
+    # server: types only
+    "net": {"pubsub", "wire", "errors", "config", "metrics", "auth", "server", "speedups"},
     "auth": {"errors", "config"},  # sans-IO security: tokens, permissions, perimeter
     "config": set(),
     "errors": set(),
     "metrics": {"errors"},
+    "speedups": set(),
 }
 IO_MODULES = {"socket", "select", "signal", "selectors", "asyncio"}
 

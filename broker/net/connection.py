@@ -34,6 +34,7 @@ from broker.errors import Closed, HandshakeError
 from broker.metrics import Stats
 from broker.pubsub.http_api import Deferred, Response
 from broker.pubsub.session import Session
+from broker.speedups import load
 from broker.wire.handshake import HttpExchange, HttpRequest, check_upgrade
 from broker.wire.inbound import Message, PeerClose, close_frame, parse
 
@@ -489,10 +490,28 @@ class Connection(Session):
 def flush_all(sessions: list[Session], stats: Stats) -> None:
     """Flush every buffer that filled in this iteration (the server's end of iteration).
 
-    `Connection.flush` for the steady state (an open plain connection, nothing held back, all
-    written), inlined: a message's last subscriber waits for the whole walk (W3 in
-    docs/benchmarks.md), so a method call and two counter updates per subscriber are worth
-    saving. Everything else goes through the connection's own `flush`."""
+    The steady state (an open plain connection, nothing held back, all of `out` written in one
+    send) is done in C when the speedup is built (`_speedups.flush`), else by `_flush_steady`;
+    every other connection goes through its own `flush`, and a short send through `_sent`."""
+    if _speedups is None:
+        _flush_steady(sessions, stats)
+        return
+    sends, sent_bytes, rest = _speedups.flush(sessions)
+    stats.sends += sends
+    stats.bytes_sent += sent_bytes
+    for conn, sent in rest:
+        if sent is None:
+            conn.flush()
+        elif sent < 0:
+            conn.abort(Closed.CLIENT_GONE)
+        else:
+            out = conn.out
+            conn._sent(out[0] if len(out) == 1 else b"".join(out), sent)
+
+
+def _flush_steady(sessions: list[Session], stats: Stats) -> None:
+    """`flush_all` in Python: `Connection.flush` for the steady state, inlined, since a
+    message's last subscriber waits for the whole walk (W3 in docs/benchmarks.md)."""
     sends = 0
     sent_bytes = 0
     for conn in sessions:
@@ -525,3 +544,8 @@ def flush_all(sessions: list[Session], stats: Stats) -> None:
             conn._sent(data, sent)
     stats.sends += sends
     stats.bytes_sent += sent_bytes
+
+
+_speedups = load("broker.net._speedups")
+if _speedups is not None:
+    _speedups.bind(Connection, READING, OPEN)

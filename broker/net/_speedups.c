@@ -1,0 +1,236 @@
+/* The end-of-iteration flush in C: one send(2) per connection, with none of the interpreter's
+ * work in between (broker/net/connection.py `flush_all` is the Python twin and the reference).
+ *
+ * Why it exists: a message's last subscriber waits for the whole walk over its subscribers
+ * (W3 in docs/benchmarks.md). In Python each step of that walk cost ~0.5 us on top of the
+ * kernel's send (attribute loads, the socket method call, its argument parsing and GIL release);
+ * here it is a few pointer loads.
+ *
+ * House rules: this code handles the steady state only, and hands every other case back to
+ * Python untouched: a connection that is not exactly of the bound class, not OPEN with the plain
+ * READING mask, with a paced replay or a backlog stamp, or whose `out` holds anything but bytes
+ * (a memoryview tail) or more parts than one sendmsg takes. It never raises for a connection's
+ * fault: a failed send is reported back, and Python closes that one connection. It holds the GIL
+ * throughout (each send is non-blocking and short; releasing it per send costs more than it
+ * could give). Slots are read at the offsets their member descriptors give, resolved once by
+ * `bind` for the exact class, which is why only that class is accepted. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#ifndef IOV_MAX
+#define IOV_MAX 1024
+#endif
+
+#ifdef Py_T_OBJECT_EX
+#define SLOT_TYPE Py_T_OBJECT_EX
+#else
+#define SLOT_TYPE T_OBJECT_EX
+#endif
+
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+static PyTypeObject *conn_type; /* the bound class (a strong reference) */
+static Py_ssize_t off_out, off_queued, off_since, off_backlog, off_mask, off_state, off_fd;
+static long reading_mask, open_state;
+
+static int
+slot_offset(PyObject *cls, const char *name, Py_ssize_t *offset)
+{
+    PyObject *descr = PyObject_GetAttrString(cls, name);
+    if (descr == NULL)
+        return -1;
+    if (!PyObject_TypeCheck(descr, &PyMemberDescr_Type) ||
+        ((PyMemberDescrObject *)descr)->d_member->type != SLOT_TYPE) {
+        PyErr_Format(PyExc_TypeError, "%s is not a __slots__ attribute", name);
+        Py_DECREF(descr);
+        return -1;
+    }
+    *offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+    Py_DECREF(descr);
+    return 0;
+}
+
+PyDoc_STRVAR(bind_doc,
+"bind(cls, reading, open)\n\n"
+"Resolve the slots `flush` reads on instances of exactly `cls`; `reading` is the epoll mask\n"
+"and `open` the state of a connection in the steady state.");
+
+static PyObject *
+bind_conn(PyObject *self, PyObject *args)
+{
+    PyObject *cls;
+    long reading, open;
+    if (!PyArg_ParseTuple(args, "O!ll:bind", &PyType_Type, &cls, &reading, &open))
+        return NULL;
+    if (slot_offset(cls, "out", &off_out) || slot_offset(cls, "queued", &off_queued) ||
+        slot_offset(cls, "since", &off_since) || slot_offset(cls, "backlog", &off_backlog) ||
+        slot_offset(cls, "mask", &off_mask) || slot_offset(cls, "state", &off_state) ||
+        slot_offset(cls, "fd", &off_fd))
+        return NULL;
+    Py_INCREF(cls);
+    Py_XSETREF(conn_type, (PyTypeObject *)cls);
+    reading_mask = reading;
+    open_state = open;
+    Py_RETURN_NONE;
+}
+
+/* An int slot equal to `want` (a missing or non-int slot never is). */
+static int
+slot_is(PyObject *conn, Py_ssize_t off, long want)
+{
+    PyObject *v = SLOT(conn, off);
+    if (v == NULL || !PyLong_CheckExact(v))
+        return 0;
+    int overflow;
+    return PyLong_AsLongAndOverflow(v, &overflow) == want && !overflow;
+}
+
+/* The steady state `flush` may handle: the exact class, OPEN and READING, no paced replay, no
+ * backlog stamp (`since` is 0.0 whenever the buffer was emptied: session.py). */
+static int
+steady(PyObject *conn)
+{
+    if (Py_TYPE(conn) != conn_type)
+        return 0;
+    if (!slot_is(conn, off_mask, reading_mask) || !slot_is(conn, off_state, open_state))
+        return 0;
+    if (SLOT(conn, off_backlog) != Py_None)
+        return 0;
+    PyObject *since = SLOT(conn, off_since);
+    return since != NULL && PyFloat_CheckExact(since) && PyFloat_AS_DOUBLE(since) == 0.0;
+}
+
+/* Append (conn, sent) to `rest`; sent is None for "not handled here". */
+static int
+hand_back(PyObject *rest, PyObject *conn, PyObject *sent)
+{
+    if (sent == NULL)
+        return -1;
+    PyObject *pair = PyTuple_Pack(2, conn, sent);
+    Py_DECREF(sent);
+    if (pair == NULL)
+        return -1;
+    int rc = PyList_Append(rest, pair);
+    Py_DECREF(pair);
+    return rc;
+}
+
+PyDoc_STRVAR(flush_doc,
+"flush(sessions) -> (sends, bytes_sent, rest)\n\n"
+"Write each steady-state connection's `out` with one send and empty it. `rest` lists\n"
+"(connection, sent) for the others: sent None = not handled here (flush it in Python),\n"
+"-1 = its send failed (close it), n >= 0 = only n bytes of `out` went (keep the tail).");
+
+static PyObject *
+flush_conns(PyObject *self, PyObject *sessions)
+{
+    if (conn_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "flush before bind");
+        return NULL;
+    }
+    if (!PyList_Check(sessions)) {
+        PyErr_SetString(PyExc_TypeError, "sessions must be a list");
+        return NULL;
+    }
+    PyObject *rest = PyList_New(0);
+    if (rest == NULL)
+        return NULL;
+    struct iovec iov[IOV_MAX];
+    Py_ssize_t sends = 0, bytes_sent = 0;
+    /* Nothing below runs Python code, so `sessions` cannot change under the walk. */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(sessions); i++) {
+        PyObject *conn = PyList_GET_ITEM(sessions, i);
+        PyObject *out = steady(conn) ? SLOT(conn, off_out) : NULL;
+        if (out == NULL || !PyList_CheckExact(out) || PyList_GET_SIZE(out) > IOV_MAX) {
+            Py_INCREF(Py_None);
+            if (hand_back(rest, conn, Py_None) < 0)
+                goto error;
+            continue;
+        }
+        Py_ssize_t parts = PyList_GET_SIZE(out);
+        if (parts == 0)
+            continue;
+        Py_ssize_t total = 0;
+        int plain = 1;
+        for (Py_ssize_t k = 0; k < parts; k++) {
+            PyObject *part = PyList_GET_ITEM(out, k);
+            if (!PyBytes_CheckExact(part)) {
+                plain = 0; /* a memoryview tail: Python joins it */
+                break;
+            }
+            iov[k].iov_base = PyBytes_AS_STRING(part);
+            iov[k].iov_len = (size_t)PyBytes_GET_SIZE(part);
+            total += PyBytes_GET_SIZE(part);
+        }
+        int fd_overflow;
+        PyObject *fd_obj = SLOT(conn, off_fd);
+        long fd = (fd_obj != NULL && PyLong_CheckExact(fd_obj))
+                      ? PyLong_AsLongAndOverflow(fd_obj, &fd_overflow)
+                      : -1;
+        if (!plain || fd < 0 || fd > INT_MAX) {
+            Py_INCREF(Py_None);
+            if (hand_back(rest, conn, Py_None) < 0)
+                goto error;
+            continue;
+        }
+        ssize_t sent;
+        do {
+            if (parts == 1) {
+                sent = send((int)fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL);
+            } else {
+                struct msghdr msg = {0};
+                msg.msg_iov = iov;
+                msg.msg_iovlen = (size_t)parts;
+                sent = sendmsg((int)fd, &msg, MSG_NOSIGNAL);
+            }
+        } while (sent < 0 && errno == EINTR);
+        if (sent < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                if (hand_back(rest, conn, PyLong_FromLong(-1)) < 0)
+                    goto error;
+                continue;
+            }
+            sent = 0;
+        }
+        sends++;
+        bytes_sent += sent;
+        if (sent == total) {
+            if (PyList_SetSlice(out, 0, parts, NULL) < 0)
+                goto error;
+            PyObject *zero = PyLong_FromLong(0);
+            if (zero == NULL)
+                goto error;
+            Py_XSETREF(SLOT(conn, off_queued), zero);
+        } else if (hand_back(rest, conn, PyLong_FromSsize_t(sent)) < 0) {
+            goto error;
+        }
+    }
+    return Py_BuildValue("(nnN)", sends, bytes_sent, rest);
+error:
+    Py_DECREF(rest);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"bind", bind_conn, METH_VARARGS, bind_doc},
+    {"flush", flush_conns, METH_O, flush_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "broker.net._speedups",
+    "The end-of-iteration flush in C (see the comment at the top of _speedups.c).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModule_Create(&module);
+}
