@@ -7,8 +7,11 @@
 FROM python:3.11.10-slim-bookworm AS build
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# The C speedups (setup.py) need a compiler; the wheel then holds them for the runtime stage.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY broker ./broker
 COPY clients ./clients
 RUN pip wheel --no-deps --wheel-dir /wheels .
