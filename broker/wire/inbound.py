@@ -8,7 +8,9 @@ of its arguments: a connection with nothing pending holds no parser object at al
 fragmented message in progress holds a small `Message`.
 
 The common case costs a few comparisons: a complete, final, masked text or binary frame with no
-reserved bits and a 7- or 16-bit length is unmasked in one step and decoded. Everything else goes
+reserved bits and a 7- or 16-bit length is unmasked in one step and decoded (in C when the
+speedup is built: `_speedups.frames` takes such frames and stops at the first other one, which
+the loop below parses). Everything else goes
 through the same loop's slower branches, which apply wsproto's rules one by one, in wsproto's
 order, with wsproto's close codes (tests/wire/test_inbound.py checks that the two agree on
 generated frame sequences cut at every byte):
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import codecs
 from typing import NamedTuple
+
+from broker.speedups import load
 
 OP_CONT = 0x0
 OP_TEXT = 0x1
@@ -49,6 +53,9 @@ _DEFINED_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011
 _XOR = [bytes(a ^ b for a in range(256)) for b in range(256)]
 _from_bytes = int.from_bytes
 _utf8 = codecs.getincrementaldecoder("utf-8")
+
+# The C twin of the common case below (wire/_speedups.c), None when not built or turned off.
+_speedups = load("broker.wire._speedups")
 
 # Payloads up to this size are unmasked with one integer XOR; larger ones by the four
 # `bytes.translate` lanes (measured: the integer path wins below ~0.5 KB, loses 4x at 64 KB).
@@ -117,6 +124,11 @@ def parse(
     pos = 0
     n = len(data)
     while n - pos >= 2:
+        if message is None and _speedups is not None:
+            # The common case in C, up to the first frame that is not (parsed below).
+            pos = _speedups.frames(data, pos, limit, out)
+            if n - pos < 2:
+                break
         b0 = data[pos]
         b1 = data[pos + 1]
         length = b1 & 0x7F

@@ -9,7 +9,9 @@ bytes arrive whole, byte by byte, or cut in two at any point.
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hypothesis import HealthCheck, example, given, settings
@@ -61,6 +63,20 @@ class Frame:
 
 
 Outcome = tuple[list[object], tuple[str, int, str] | None]
+
+C_SPEEDUP = inbound._speedups  # wire/_speedups.c, or None when not built
+TWINS = ("c", "python")
+
+
+@contextlib.contextmanager
+def speedup(twin: str) -> Iterator[None]:
+    """Parse with the C speedup of the common case ("c") or with the Python parser alone."""
+    saved = inbound._speedups
+    inbound._speedups = C_SPEEDUP if twin == "c" else None
+    try:
+        yield
+    finally:
+        inbound._speedups = saved
 
 
 def reference(frames: list[Frame], limit: int = LIMIT) -> Outcome:
@@ -216,10 +232,41 @@ def frames_(draw: st.DrawFn) -> Frame:
 def test_agrees_with_wsproto_at_every_split(frames: list[Frame]) -> None:
     expected = reference(frames)
     data = stream(frames)
-    assert drive([data]) == expected
-    for cut in range(len(data) + 1):
-        assert drive([data[:cut], data[cut:]]) == expected, cut
-    assert drive([data[i : i + 1] for i in range(len(data))]) == expected
+    for twin in TWINS:  # the C speedup of the common case, then the Python parser alone
+        with speedup(twin):
+            assert drive([data]) == expected, twin
+            for cut in range(len(data) + 1):
+                assert drive([data[:cut], data[cut:]]) == expected, (twin, cut)
+            assert drive([data[i : i + 1] for i in range(len(data))]) == expected, twin
+
+
+def test_the_c_speedup_is_in_use() -> None:
+    # Built by the test command's install; without it the test above compares Python twice.
+    assert C_SPEEDUP is not None, "broker/wire/_speedups.c not built (pip install -e . needs gcc)"
+
+
+def test_the_c_speedup_stops_at_the_first_other_frame() -> None:
+    assert C_SPEEDUP is not None
+    first = Frame(1, "zé".encode()).encode()
+    common = first + Frame(2, b"\x00" * 300).encode()
+    for other in (
+        Frame(9, b"p"),  # a ping
+        Frame(1, b"caf\xc3"),  # not UTF-8
+        Frame(2, b"x" * (LIMIT + 1)),  # over the limit
+        Frame(1, b"x", fin=False),  # a fragment
+        Frame(2, b"x" * 70_000, form=8),  # a 64-bit length
+        Frame(1, b"x", masked=False),
+        Frame(1, b"x", rsv=4),
+    ):
+        data = common + other.encode() + common
+        out: list[object] = []
+        assert C_SPEEDUP.frames(data, 0, LIMIT, out) == len(common), other
+        assert out == ["zé", b"\x00" * 300]
+    for cut in range(len(common)):  # an incomplete frame stops it too
+        out = []
+        whole = cut >= len(first)
+        assert C_SPEEDUP.frames(common[:cut], 0, LIMIT, out) == (len(first) if whole else 0)
+        assert out == (["zé"] if whole else [])
 
 
 def test_header_announcing_too_much_is_refused_before_its_payload() -> None:
