@@ -69,11 +69,19 @@ bind_conn(PyObject *self, PyObject *args)
     long reading, open;
     if (!PyArg_ParseTuple(args, "O!ll:bind", &PyType_Type, &cls, &reading, &open))
         return NULL;
-    if (slot_offset(cls, "out", &off_out) || slot_offset(cls, "queued", &off_queued) ||
-        slot_offset(cls, "since", &off_since) || slot_offset(cls, "backlog", &off_backlog) ||
-        slot_offset(cls, "mask", &off_mask) || slot_offset(cls, "state", &off_state) ||
-        slot_offset(cls, "fd", &off_fd))
+    Py_ssize_t out, queued, since, backlog, mask, state, fd; /* all, or a failed bind keeps none */
+    if (slot_offset(cls, "out", &out) || slot_offset(cls, "queued", &queued) ||
+        slot_offset(cls, "since", &since) || slot_offset(cls, "backlog", &backlog) ||
+        slot_offset(cls, "mask", &mask) || slot_offset(cls, "state", &state) ||
+        slot_offset(cls, "fd", &fd))
         return NULL;
+    off_out = out;
+    off_queued = queued;
+    off_since = since;
+    off_backlog = backlog;
+    off_mask = mask;
+    off_state = state;
+    off_fd = fd;
     Py_INCREF(cls);
     Py_XSETREF(conn_type, (PyTypeObject *)cls);
     reading_mask = reading;

@@ -6,9 +6,10 @@
  * appends and an int per subscriber.
  *
  * House rules: sans-IO like the router. Only the common case is handled: a session whose buffer
- * is at most half the high-water mark. Any other session (over half the mark: the router decides
- * between "urgent" and the overflow policy) is handed back untouched, in order, for the Python
- * twin to handle, so the policy code exists once. The slots are read at the offsets their member
+ * is at most half the high-water mark. A session over half the mark (the router decides between
+ * "urgent" and the overflow policy) is handed back untouched, in order, for the Python twin to
+ * handle, so the policy code exists once; anything that is not a plain session (another type, a
+ * list subclass as `out`, an odd `queued`) is handed back with every session after it. The slots are read at the offsets their member
  * descriptors give, resolved once by `bind` on the session class; they hold for every subclass,
  * since CPython lays a subclass's slots out after its base's. */
 
@@ -55,8 +56,11 @@ bind_session(PyObject *self, PyObject *cls)
         PyErr_SetString(PyExc_TypeError, "bind() takes a class");
         return NULL;
     }
-    if (slot_offset(cls, "out", &off_out) || slot_offset(cls, "queued", &off_queued))
+    Py_ssize_t out, queued; /* all resolved before any is kept: a failed bind changes nothing */
+    if (slot_offset(cls, "out", &out) || slot_offset(cls, "queued", &queued))
         return NULL;
+    off_out = out;
+    off_queued = queued;
     Py_INCREF(cls);
     Py_XSETREF(session_type, (PyTypeObject *)cls);
     Py_RETURN_NONE;
@@ -99,7 +103,24 @@ fan_out(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (queued == -1)
                 PyErr_Clear(); /* too large for Py_ssize_t: the Python twin's business */
         }
-        if (queued < 0 || queued > half || out == NULL || !PyList_CheckExact(out)) {
+        if (queued < 0 || out == NULL || !PyList_CheckExact(out)) {
+            /* Not a session this code knows: it and every later one go to Python, so `dirty`
+             * gets the sessions in the order the Python twin would give. */
+            PyObject *tail = PyTuple_GetSlice(subs, i, PyTuple_GET_SIZE(subs));
+            if (tail == NULL)
+                goto error;
+            if (rest == NULL) {
+                rest = PySequence_List(tail);
+                Py_DECREF(tail);
+                return rest;
+            }
+            int rc = PyList_SetSlice(rest, PyList_GET_SIZE(rest), PyList_GET_SIZE(rest), tail);
+            Py_DECREF(tail);
+            if (rc < 0)
+                goto error;
+            return rest;
+        }
+        if (queued > half) { /* urgent or over the mark: the router's policy, in Python */
             if (rest == NULL && (rest = PyList_New(0)) == NULL)
                 return NULL;
             if (PyList_Append(rest, session) < 0)
