@@ -8,7 +8,17 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("broker.wire._speedups", ["broker/wire/_speedups.c"], optional=True),
-        Extension("broker.pubsub._speedups", ["broker/pubsub/_speedups.c"], optional=True),
-        Extension("broker.net._speedups", ["broker/net/_speedups.c"], optional=True),
+        Extension(
+            "broker.pubsub._speedups",
+            ["broker/pubsub/_speedups.c"],
+            depends=["broker/_slots.h"],
+            optional=True,
+        ),
+        Extension(
+            "broker.net._speedups",
+            ["broker/net/_speedups.c"],
+            depends=["broker/_slots.h"],
+            optional=True,
+        ),
     ]
 )

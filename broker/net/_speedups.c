@@ -17,7 +17,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <structmember.h>
+#include "../_slots.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -28,34 +28,9 @@
 #define IOV_MAX 1024
 #endif
 
-#ifdef Py_T_OBJECT_EX
-#define SLOT_TYPE Py_T_OBJECT_EX
-#else
-#define SLOT_TYPE T_OBJECT_EX
-#endif
-
-#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
-
 static PyTypeObject *conn_type; /* the bound class (a strong reference) */
 static Py_ssize_t off_out, off_queued, off_since, off_backlog, off_mask, off_state, off_fd;
 static long reading_mask, open_state;
-
-static int
-slot_offset(PyObject *cls, const char *name, Py_ssize_t *offset)
-{
-    PyObject *descr = PyObject_GetAttrString(cls, name);
-    if (descr == NULL)
-        return -1;
-    if (!PyObject_TypeCheck(descr, &PyMemberDescr_Type) ||
-        ((PyMemberDescrObject *)descr)->d_member->type != SLOT_TYPE) {
-        PyErr_Format(PyExc_TypeError, "%s is not a __slots__ attribute", name);
-        Py_DECREF(descr);
-        return -1;
-    }
-    *offset = ((PyMemberDescrObject *)descr)->d_member->offset;
-    Py_DECREF(descr);
-    return 0;
-}
 
 PyDoc_STRVAR(bind_doc,
 "bind(cls, reading, open)\n\n"
