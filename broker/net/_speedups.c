@@ -127,7 +127,8 @@ flush_conns(PyObject *self, PyObject *sessions)
         return NULL;
     struct iovec iov[IOV_MAX];
     Py_ssize_t sends = 0, bytes_sent = 0;
-    /* Nothing below runs Python code, so `sessions` cannot change under the walk. */
+    /* The list's size is read at each step, and no borrowed reference is kept across a call
+     * that may run Python code (an allocation in hand_back may run the garbage collector). */
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(sessions); i++) {
         PyObject *conn = PyList_GET_ITEM(sessions, i);
         PyObject *out = steady(conn) ? SLOT(conn, off_out) : NULL;

@@ -65,7 +65,8 @@ fan_out(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     Py_ssize_t size = PyBytes_GET_SIZE(frame);
     PyObject *rest = NULL;
-    /* Nothing below runs Python code: appends and int objects only. */
+    /* `session` is borrowed from the tuple, which holds it; `out` is read again for each
+     * session (allocating `rest` may run the garbage collector). */
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(subs); i++) {
         PyObject *session = PyTuple_GET_ITEM(subs, i);
         Py_ssize_t queued = -1;
