@@ -29,7 +29,10 @@ history and routes each message to the nodes that have a matching subscriber.
   seconds on a slow or dead DNS server) in a daemon thread, whose answer comes back to the loop
   through `EventLoop.call_soon_threadsafe`; the loop keeps serving meanwhile. The lookup counts
   against the attempt's --redis-timeout like the TCP connect, and an answer is used only by the
-  attempt that asked, if it still waits: a late one is dropped.
+  attempt that asked, if it still waits: a late one is dropped. The addresses of a name are tried
+  in getaddrinfo's order within the attempt: one that fails at once (refused, unreachable, a
+  family the host cannot open, such as ::1 for a Redis bound to 127.0.0.1 only) passes to the
+  next; one that stays silent holds the attempt until its timeout.
 * After a reconnection, the node re-subscribes and reads, for every concrete topic it holds, the
   stream after the last seq it delivered: the gap the outage cost is delivered in order before the
   live messages that follow (buffered meanwhile). A gap Redis no longer holds (trimmed, or a new
@@ -320,6 +323,7 @@ class RedisLink(Backplane):
         self.replies: deque[Reply | _Publish | None] = deque()
         self.attempts = 0
         self._try = 0  # numbers every attempt, never reset: a lookup's answer names its attempt
+        self._addrs: list[AddrInfo] = []  # the name's addresses this attempt has yet to try
         self.reconnects = 0  # connections lost (or failed) after the first came up
         self.ever_up = False
         self.rtt = 0.0  # seconds, the last PING's round trip
@@ -368,6 +372,7 @@ class RedisLink(Backplane):
         addr = self.address
         self.attempts += 1
         self._try += 1
+        self._addrs = []
         self.state = CONNECTING  # with no socket yet while the name is looked up
         self._deadline = self.loop.now + self.config.redis_timeout
         if is_ip_literal(addr.host):
@@ -408,6 +413,7 @@ class RedisLink(Backplane):
         if isinstance(result, Exception) or not result:
             self._failed(f"cannot resolve {self.address.host}: {result or 'no address'}")
             return
+        self._addrs = list(result[1:])
         self._open(result[0])
 
     def _open(self, info: AddrInfo) -> None:
@@ -415,8 +421,9 @@ class RedisLink(Backplane):
         family, kind, proto, _, sockaddr = info
         try:
             sock = socket.socket(family, kind, proto)
-        except OSError as exc:  # EMFILE...
-            self._failed(f"socket: {exc}")
+        except OSError as exc:  # EMFILE, EAFNOSUPPORT (::1 on a host without IPv6)...
+            if not self._next_address():
+                self._failed(f"socket: {exc}")
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -431,8 +438,20 @@ class RedisLink(Backplane):
         err = sock.connect_ex(sockaddr)
         self.mask = select.EPOLLOUT | select.EPOLLIN | select.EPOLLRDHUP
         self.loop.register(self.fd, self, self.mask)
-        if err not in (0, errno.EINPROGRESS):
+        if err not in (0, errno.EINPROGRESS) and not self._next_address():
             self._lost(f"connect: {errno.errorcode.get(err, str(err))}")
+
+    def _next_address(self) -> bool:
+        """The connect to one address of the name failed at once: try its next address, in the
+        same attempt (same deadline). False when none is left."""
+        if not self._addrs:
+            return False
+        if self.sock is not None:
+            self.loop.unregister(self.fd)
+            self.sock.close()
+            self.sock = None
+        self._open(self._addrs.pop(0))
+        return True
 
     def _connected(self) -> None:
         """TCP is up: TLS handshake if rediss://, then HELLO 3, AUTH, SELECT, SCRIPT LOAD."""
@@ -496,6 +515,8 @@ class RedisLink(Backplane):
                 if mask & (select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
                     assert self.sock is not None
                     err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err and self._next_address():
+                        return
                     if err:
                         raise _LostError(f"connect: {errno.errorcode.get(err, str(err))}")
                     self._connected()

@@ -228,3 +228,42 @@ def test_an_ip_literal_is_not_looked_up(
         False,
         False,
     ]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: a connect to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_until(loop: EventLoop, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        loop.call_later(0.02, lambda: None)
+        loop.run_once()
+
+
+def test_the_addresses_of_a_name_are_tried_in_order_within_one_attempt(
+    redis: RedisServer, make_link: Callable[..., tuple[RedisLink, EventLoop]]
+) -> None:
+    """Redis bound to 127.0.0.1 only, the name giving ::1 first (as `localhost` may): the
+    refused addresses (and an IPv6 one, refused or not openable here) pass to the next."""
+    refused = closed_port()
+    ipv6 = (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("::1", refused, 0, 0))
+    answer = [ipv6, *address(refused), *address(redis.port)]
+    resolver = StallingResolver(lambda n: answer)
+    link, loop = make_link(f"redis://redis.test:{redis.port}/0", resolver)
+    run_until(loop, lambda: link.up, 5)
+    assert link.up
+    assert len(resolver.calls) == 1  # one lookup: one attempt, no backoff in between
+
+
+def test_an_attempt_whose_every_address_is_refused_fails_and_is_retried(
+    make_link: Callable[..., tuple[RedisLink, EventLoop]],
+) -> None:
+    resolver = StallingResolver(lambda n: [*address(closed_port()), *address(closed_port())])
+    link, loop = make_link("redis://redis.test:6379/0", resolver)
+    run_until(loop, lambda: len(resolver.calls) >= 2, 8)  # the next attempt, after a backoff
+    assert len(resolver.calls) >= 2
+    assert not link.up
