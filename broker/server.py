@@ -424,7 +424,8 @@ class Server:
             if conn.queued and conn.state in (OPEN, CLOSING):
                 lagging.append(conn)
         lag = _CONNECTION_SORTS["lag"]
-        worst = heapq.nlargest(TOP_LAG_RANKS, lagging, key=lambda c: lag(c, now))
+        held = self.held_since
+        worst = heapq.nlargest(TOP_LAG_RANKS, lagging, key=lambda c: lag(c, now, held))
         missing = [0.0] * (TOP_LAG_RANKS - len(worst))
         return {
             "broker_history_topics": streams.topics,
@@ -435,7 +436,7 @@ class Server:
             "broker_topics": self.router.sublist.patterns,
             "broker_outbound_queued_bytes": queued,
             "broker_conflated_bytes": conflated,
-            "broker_top_lag_seconds": [_queue_age(c, now) for c in worst] + missing,
+            "broker_top_lag_seconds": [_queue_age(c, now, held) for c in worst] + missing,
             "broker_top_lag_bytes": [float(c.queued) for c in worst] + missing,
             "broker_max_connections": self.max_connections,
             "broker_uptime_seconds": time.time() - self.stats.started,
@@ -451,12 +452,13 @@ class Server:
         limit = _limit(params)
         now = self.loop.now
         conns = [c for c in self._connections() if c.state in (OPEN, CLOSING)]
-        top = heapq.nlargest(limit, conns, key=lambda c: key(c, now))
+        held = self.held_since
+        top = heapq.nlargest(limit, conns, key=lambda c: key(c, now, held))
         wall = time.time()
         return {
             "total": len(conns),
             "sort": sort,
-            "connections": [_describe(c, now, wall) for c in top],
+            "connections": [_describe(c, now, wall, held) for c in top],
         }
 
     def topic_list(self, params: Mapping[str, str]) -> dict[str, Any]:
@@ -558,15 +560,19 @@ def _limit(params: Mapping[str, str]) -> int:
     return int(raw)
 
 
-def _queue_age(conn: Connection, now: float) -> float:
-    return now - conn.since if conn.since and conn.queued else 0.0
+def _queue_age(conn: Connection, now: float, held: float) -> float:
+    """How long the oldest queued frame has waited, at most. `held` is when the server began
+    holding deliveries back (0.0: it is not holding): a buffer that filled since then holds
+    frames at most that old, though no flush has stamped its `since` yet."""
+    since = conn.since or held
+    return now - since if since and conn.queued else 0.0
 
 
-_CONNECTION_SORTS: dict[str, Callable[[Connection, float], Any]] = {
+_CONNECTION_SORTS: dict[str, Callable[[Connection, float, float], Any]] = {
     # How long the oldest queued frame has waited, then how much is queued.
-    "lag": lambda c, now: (_queue_age(c, now), c.queued),
-    "age": lambda c, now: now - c.connected,
-    "dropped": lambda c, now: (c.dropped, c.queued),
+    "lag": lambda c, now, held: (_queue_age(c, now, held), c.queued),
+    "age": lambda c, now, held: now - c.connected,
+    "dropped": lambda c, now, held: (c.dropped, c.queued),
 }
 
 
@@ -576,7 +582,7 @@ def _replay_bytes(conn: Connection) -> int:
     return sum(map(len, conn.backlog or ()))
 
 
-def _describe(conn: Connection, now: float, wall: float) -> dict[str, Any]:
+def _describe(conn: Connection, now: float, wall: float, held: float) -> dict[str, Any]:
     grant = conn.grant
     conflated = conn.conflated
     return {
@@ -591,7 +597,7 @@ def _describe(conn: Connection, now: float, wall: float) -> dict[str, Any]:
         "queued_bytes": conn.queued,
         "queued_frames": len(conn.out),
         "replay_bytes": _replay_bytes(conn) if conn.backlog else 0,
-        "queue_age_s": _queue_age(conn, now),
+        "queue_age_s": _queue_age(conn, now, held),
         "conflated_topics": len(conflated.frames) if conflated is not None else 0,
         "dropped": conn.dropped,
         "slow": bool(conn.slow),

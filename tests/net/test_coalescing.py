@@ -4,9 +4,11 @@ half the high-water mark, and never when the load is light. Real broker processe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -151,6 +153,58 @@ def test_a_hold_ends_after_the_delay_while_a_flood_goes_on(
     finally:
         stop.set()
         thread.join(10)
+
+
+def test_held_deliveries_show_as_lag(broker_factory: Factory, clients: list[RawWs]) -> None:
+    """While deliveries are held back, GET /connections counts their age from the start of the
+    hold (no flush has stamped the subscriber's `since`: it reads everything, so no send is
+    ever short). The mark is far, so only the delay ends a hold."""
+    broker = broker_factory(
+        "--read-size", "1024", "--busy-flush-delay", "3", "--outbound-high-water", str(64 << 20)
+    )
+    sub = _subscribe(broker.port, "flood")
+    clients.append(sub)
+    flooding = threading.Event()
+    stop = threading.Event()
+    chunk = b"".join(_publish_frame("flood", "#" * 40) for _ in range(200))
+
+    def flood() -> None:
+        flooder = RawWs(broker.port)
+        deadline = time.monotonic() + 12
+        while not stop.is_set() and time.monotonic() < deadline:
+            flooder.sock.sendall(chunk)
+            flooding.set()
+        flooder.close()
+
+    def drain() -> None:
+        sub.sock.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                if not sub.sock.recv(1 << 16):
+                    return
+
+    thread = threading.Thread(target=flood, daemon=True)
+    reader = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    reader.start()
+    try:
+        assert flooding.wait(5)
+        ages = []
+        for _ in range(3):  # a request served in the hold's first iteration would see age 0
+            time.sleep(0.3)
+            url = broker.http + "/connections?sort=lag&limit=1"
+            with urllib.request.urlopen(url, timeout=10) as r:  # answered when the hold ends
+                top = json.loads(r.read())["connections"][0]
+            assert top["queued_bytes"] > 0
+            ages.append(top["queue_age_s"])
+            if top["queue_age_s"] > 0:
+                break
+        assert max(ages) > 0, ages
+        assert max(ages) <= 3 + 1, ages
+    finally:
+        stop.set()
+        thread.join(15)
+        reader.join(5)
 
 
 @pytest.mark.parametrize("delay", [-0.1, 11.0])
