@@ -131,6 +131,11 @@ class Server:
             self.api.metrics_source = link.gather_metrics
             link.render_stats = self.snapshot
             self.api.stats_source = link.gather_stats
+            link.render_view = self._view
+            link.render_topics = self._topic_figures
+            self.api.view_source = lambda path, params, done: link.gather_view(
+                path, {**params, "limit": str(_limit(params))}, done
+            )
             # Which worker took a connection, for clients and tests that want to know.
             self.upgrade_headers = ((b"x-broker-worker", str(index).encode()),)
         # --redis: this node is one of a cluster sharing a Redis (broker/net/redis.py); with
@@ -481,6 +486,18 @@ class Server:
         else:
             raise ValueError("sort must be one of rate, subscribers")
         return {"sort": sort, "interval_s": elapsed, "topics": topics}
+
+    def _view(self, path: str, params: dict[str, str]) -> Any:
+        """This worker's part of a host-wide GET /connections or /topics (hub.merge_view)."""
+        return (self.connection_list if path == "/connections" else self.topic_list)(params)
+
+    def _topic_figures(self, names: list[str], sort: str) -> dict[str, list[float]]:
+        """[rate, subscribers] of each topic here (the second round of a host-wide /topics):
+        as `topic_list` counts them, subscribers reached (sort=rate) or holding the pattern."""
+        counts, elapsed = self._topic_rates
+        sublist = self.router.sublist
+        count = sublist.count if sort == "rate" else sublist.holders
+        return {t: [counts.get(t, 0) / elapsed, count(t)] for t in names}
 
     def snapshot(self) -> dict[str, Any]:
         """The JSON behind GET /stats and the live page."""

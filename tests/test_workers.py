@@ -404,6 +404,44 @@ def test_stats_sum_every_worker(
         assert stats["workers_running"] == WORKERS
 
 
+def test_connections_and_topics_list_every_worker(
+    workers: BrokerProcess, clients: Callable[[BrokerProcess], Client]
+) -> None:
+    """GET /connections and /topics answer for the host, whichever worker takes the request:
+    every worker's connections, each tagged with its worker; a topic's subscribers (and rate)
+    summed over the workers."""
+    subs = spread(clients, workers, per_worker=2)
+    for i, c in enumerate(subs):
+        c.request(op="subscribe", topic="v.t")
+        c.request(op="subscribe", topic=f"v.own{i}")
+    for c in subs:  # publishes from every worker
+        c.request(op="publish", topic="v.t", data=0)
+    for _ in range(3):  # whichever worker answers
+        status, body = http(workers, "/connections?sort=age&limit=100")
+        assert status == 200, body
+        ws = [c for c in body["connections"] if c["subscriptions"] == 2]
+        assert sorted(c["worker"] for c in ws) == sorted(c.worker for c in subs)
+        assert body["total"] >= len(subs) and body["sort"] == "age"
+        ages = [c["connected_s"] for c in body["connections"]]
+        assert ages == sorted(ages, reverse=True)
+        status, body = http(workers, "/connections?limit=1")
+        assert status == 200 and len(body["connections"]) == 1
+        assert http(workers, "/connections?sort=nope")[0] == 400
+        status, body = http(workers, "/topics?sort=subscribers&limit=3")
+        assert status == 200, body
+        assert body["topics"][0]["topic"] == "v.t"
+        assert body["topics"][0]["subscribers"] == len(subs)
+        assert len(body["topics"]) == 3
+    # Rates are per stats tick (each worker's own second): the publishes show within ~1 s.
+    deadline = time.monotonic() + 5
+    found: list[dict[str, Any]] = []
+    while not found and time.monotonic() < deadline:
+        body = http(workers, "/topics?sort=rate&limit=5")[1]
+        found = [t for t in body["topics"] if t["topic"] == "v.t" and t["rate"] > 0]
+        time.sleep(0.1)
+    assert found and found[0]["subscribers"] == len(subs), body
+
+
 def test_workers_that_cannot_start_stop_the_broker_with_their_exit_code(tmp_path: Any) -> None:
     bad = tmp_path / "cert.pem"
     bad.write_text("not a certificate")

@@ -9,10 +9,11 @@ of the loop iteration, so a burst of publishes crosses in a few large writes.
     worker -> hub                                  hub -> worker
     ["i", pattern, encoding, add]                  ["m", topic, seq, json, msgpack, ack]
     ["p", n, topic, data, size]                    ["r", n, result]
-    ["w", n, topic, encoding, epoch|None, seq]     ["c", k, what]    (send your metrics/stats)
+    ["w", n, topic, encoding, epoch|None, seq]     ["c", k, what]    (send your metrics/stats/view)
     ["h", n, topic, epoch|None, seq, limit, budget]
     ["d", ack, delivered]   (after fanning out a message that carried an ack number)
-    ["g", n, what]          (gather every process's "metrics" text or "stats" snapshot)
+    ["g", n, what]          (gather every process's "metrics" text, "stats" snapshot, or view:
+                             ["view", path, params] for GET /connections and /topics)
     ["b", n]                (barrier: answered with ["r", n, None] once what came before is done)
     ["M", k, value]         (this worker's, for gathering k)
     ["u"]                   (this worker started: set up and listening)
@@ -181,6 +182,12 @@ class HubLink(Backplane):
         self.channel = Channel(sock, self._register, self)
         self.render_metrics: Callable[[], bytes] = lambda: b""
         self.render_stats: Callable[[], dict[str, Any]] = dict
+        # GET /connections and /topics of this worker: (path, query parameters) -> JSON value;
+        # and given topics' [rate, subscribers] here, for the second round of /topics.
+        self.render_view: Callable[[str, dict[str, str]], Any] = lambda path, params: {}
+        self.render_topics: Callable[[list[str], str], dict[str, list[float]]] = (
+            lambda names, sort: {}
+        )
         self.on_lost: Callable[[], None] = lambda: None
         self._beat_every = HEARTBEAT
         loop.after_events.append(self.flush)
@@ -264,6 +271,18 @@ class HubLink(Backplane):
         )
         self.channel.send(["g", n, "stats"])
 
+    def gather_view(self, path: str, params: dict[str, str], done: Callable[[Any], None]) -> None:
+        """GET /connections or /topics for the whole host: every worker's list, merged by the
+        hub (`merge_view`). The caller has checked `params` against its own view."""
+        if self.channel.closed:
+            done(self.render_view(path, params))
+            return
+        n = next(self._numbers)
+        self.pending[n] = lambda result: done(
+            result if isinstance(result, dict) else self.render_view(path, params)
+        )
+        self.channel.send(["g", n, ["view", path, params]])
+
     # -- the loop ----------------------------------------------------------------------------
 
     def on_event(self, mask: int) -> None:
@@ -287,8 +306,16 @@ class HubLink(Backplane):
                 elif kind == "r":
                     self.resolve(message[1], message[2])
                 elif kind == "c":
-                    what = self.render_metrics() if message[2] == "metrics" else self.render_stats()
-                    channel.send(["M", message[1], what])
+                    what = message[2]
+                    if what == "metrics":
+                        value: Any = self.render_metrics()
+                    elif what == "stats":
+                        value = self.render_stats()
+                    elif what[0] == "view":  # [_, path, params]: the origin checked them
+                        value = self.render_view(what[1], what[2])
+                    else:  # ["topics", names, first round]: [rate, subscribers] of each
+                        value = self.render_topics(what[1], what[2]["sort"])
+                    channel.send(["M", message[1], value])
             except Exception:
                 self.stats.internal_errors += 1
                 log.exception("error handling a message from the hub")
@@ -545,7 +572,7 @@ class Hub:
 
     # -- metrics -----------------------------------------------------------------------------
 
-    def _gather(self, origin: WorkerLink, n: int, what: str) -> None:
+    def _gather(self, origin: WorkerLink, n: int, what: Any) -> None:
         k = next(self._gathers)
         waiting = set(self.links)
         timer = self.loop.call_later(GATHER_TIMEOUT, lambda: self._gathered(k))
@@ -562,9 +589,21 @@ class Hub:
         if what == "metrics":
             found["hub"] = self.render_own()
             merged: Any = merge_metrics(found)
-        else:
+        elif what == "stats":
             merged = merge_stats(found)
             merged["workers_running"] = len(self.links)
+        elif what[0] == "view" and what[1] == "/topics":
+            # Round 1 chose the topics; round 2 asks every worker for their exact figures.
+            chosen = merge_view(what[1], what[2], found)
+            names = [t["topic"] for t in chosen["topics"]]
+            if names:
+                self._gather(origin, n, ["topics", names, chosen])
+                return
+            merged = chosen
+        elif what[0] == "topics":
+            merged = merge_topic_figures(what[2], found)
+        else:
+            merged = merge_view(what[1], what[2], found)
         link: WorkerLink = origin
         if self.links.get(link.index) is link:
             link.send(["r", n, merged])
@@ -592,6 +631,71 @@ def merge_stats(snapshots: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for _, s in sorted(snapshots.items())
     ]
     return merged
+
+
+# How GET /connections orders its entries (server.py ranks its own the same way).
+_CONNECTION_KEYS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "lag": lambda c: (c["queue_age_s"], c["queued_bytes"]),
+    "age": lambda c: c["connected_s"],
+    "dropped": lambda c: (c["dropped"], c["queued_bytes"]),
+}
+
+
+def merge_view(path: str, params: dict[str, str], views: dict[str, Any]) -> dict[str, Any]:
+    """GET /connections or /topics for the host, from each worker's answer to the same request.
+
+    /connections is exact: each connection lives in one worker, so the host's first `limit` are
+    among the workers' first `limit`; each entry says its `worker` (ids are per worker). For
+    /topics this is the first round: it ranks the topics of the workers' first `limit` by their
+    summed figures; the second asks every worker for the chosen ones' exact figures
+    (`merge_topic_figures`). A topic outside every worker's first `limit` can still be missed
+    (docs/observability.md)."""
+    limit = int(params.get("limit", 0)) or None
+    answers = sorted(views.items(), key=lambda kv: int(kv[0]))
+    if path == "/connections":
+        sort = params.get("sort", "lag")
+        entries = [
+            {**entry, "worker": int(worker)}
+            for worker, view in answers
+            for entry in view.get("connections", ())
+        ]
+        entries.sort(key=_CONNECTION_KEYS[sort], reverse=True)
+        total = sum(view.get("total", 0) for _, view in answers)
+        return {"total": total, "sort": sort, "connections": entries[:limit]}
+    sort = params.get("sort", "rate")
+    topics: dict[str, dict[str, Any]] = {}
+    interval = 0.0
+    for _, view in answers:
+        interval = max(interval, view.get("interval_s", 0.0))
+        for entry in view.get("topics", ()):
+            merged = topics.setdefault(
+                entry["topic"], {"topic": entry["topic"], "rate": 0.0, "subscribers": 0}
+            )
+            merged["rate"] += entry["rate"]
+            merged["subscribers"] += entry["subscribers"]
+    ranked = sorted(
+        topics.values(), key=lambda t: t["rate" if sort == "rate" else "subscribers"], reverse=True
+    )
+    return {"sort": sort, "interval_s": interval, "topics": ranked[:limit]}
+
+
+def merge_topic_figures(
+    chosen: dict[str, Any], figures: dict[str, dict[str, list[float]]]
+) -> dict[str, Any]:
+    """The second round of /topics: the chosen topics with each worker's [rate, subscribers]
+    summed, in the order of the first round (a worker that did not answer counts nothing)."""
+    topics = []
+    for entry in chosen["topics"]:
+        name = entry["topic"]
+        rate = subscribers = 0.0
+        for answer in figures.values():
+            rate_here, subscribers_here = answer.get(name, (0.0, 0))
+            rate += rate_here
+            subscribers += subscribers_here
+        topics.append({"topic": name, "rate": rate, "subscribers": int(subscribers)})
+    key = "rate" if chosen["sort"] == "rate" else "subscribers"
+    topics.sort(key=lambda t: t[key], reverse=True)
+    return {**chosen, "topics": topics}
 
 
 def merge_metrics(texts: dict[str, bytes]) -> bytes:

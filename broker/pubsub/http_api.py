@@ -124,6 +124,9 @@ class HttpApi:
         # Admin JSON views by path (the server's /connections, /topics): query parameters in,
         # a JSON value out; ValueError is the caller's bad parameter (400).
         self.views = dict(views or {})
+        # Set with --workers: a view for the whole host, (path, params, done) (the hub merges
+        # every worker's; this worker's own answer, computed first, checks the parameters).
+        self.view_source: Callable[[str, dict[str, str], Callable[[Any], None]], None] | None = None
         self.render_metrics = render_metrics
         self.snapshot = snapshot
         self.metrics_token = metrics_token.encode()
@@ -206,6 +209,16 @@ class HttpApi:
                     value = self.views[path](params)
                 except ValueError as exc:
                     return _error(400, str(exc))
+                if self.view_source is not None:
+                    deferred = Deferred()
+                    self.view_source(
+                        path,
+                        params,
+                        lambda v: deferred.resolve(
+                            Response(200, json.dumps(v).encode(), JSON_TYPE, _NO_CACHE)
+                        ),
+                    )
+                    return deferred
             return Response(200, json.dumps(value).encode(), JSON_TYPE, _NO_CACHE)
         if path in _STATIC:
             name, content_type = _STATIC[path]

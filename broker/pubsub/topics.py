@@ -131,6 +131,14 @@ class Sublist(Generic[S]):
         _collect(self._root, topic.split("."), 0, subs)
         return len(subs)
 
+    def holders(self, pattern: str) -> int:
+        """How many subscribers hold exactly `pattern` (what `counts` gives for it)."""
+        node: _Node[S] | None = self._root
+        for token in pattern.split("."):
+            children = node.children if node is not None else None
+            node = children.get(token) if children is not None else None
+        return len(node.subs) if node is not None and node.subs is not None else 0
+
     def counts(self) -> Iterator[tuple[str, int]]:
         """(pattern, subscribers holding exactly that pattern) for every subscribed pattern."""
         stack: list[tuple[str, _Node[S]]] = [("", self._root)]

@@ -109,3 +109,14 @@ def test_wildcard_tail_needs_at_least_one_token() -> None:
     assert sl.match("a") == ((),)
     assert set(sl.match("a.b")[0]) == {1, 2}
     assert sl.match("a.b.c") == ((1,),)
+
+
+@given(subscriptions, st.lists(patterns, max_size=5))
+def test_holders_counts_exactly_the_pattern(subs: list[tuple[str, int]], probes: list[str]) -> None:
+    sl = sublist()
+    for pattern, sub in subs:
+        sl.insert(pattern, sub)
+    held = dict(sl.counts())
+    for pattern in [p for p, _ in subs] + probes:
+        assert sl.holders(pattern) == len({s for p, s in subs if p == pattern})
+        assert sl.holders(pattern) == held.get(pattern, 0)
