@@ -313,8 +313,8 @@ class HubLink(Backplane):
                         value = self.render_stats()
                     elif what[0] == "view":  # [_, path, params]: the origin checked them
                         value = self.render_view(what[1], what[2])
-                    else:  # ["topics", names, first round]: [rate, subscribers] of each
-                        value = self.render_topics(what[1], what[2]["sort"])
+                    else:  # ["topics", names, sort, _]: [rate, subscribers] of each
+                        value = self.render_topics(what[1], what[2])
                     channel.send(["M", message[1], value])
             except Exception:
                 self.stats.internal_errors += 1
@@ -597,11 +597,11 @@ class Hub:
             chosen = merge_view(what[1], what[2], found)
             names = [t["topic"] for t in chosen["topics"]]
             if names:
-                self._gather(origin, n, ["topics", names, chosen])
+                self._gather(origin, n, ["topics", names, chosen["sort"], chosen["interval_s"]])
                 return
             merged = chosen
         elif what[0] == "topics":
-            merged = merge_topic_figures(what[2], found)
+            merged = merge_topic_figures(what[1], what[2], what[3], found)
         else:
             merged = merge_view(what[1], what[2], found)
         link: WorkerLink = origin
@@ -649,7 +649,7 @@ def merge_view(path: str, params: dict[str, str], views: dict[str, Any]) -> dict
     /topics this is the first round: it ranks the topics of the workers' first `limit` by their
     summed figures; the second asks every worker for the chosen ones' exact figures
     (`merge_topic_figures`). A topic outside every worker's first `limit` can still be missed
-    (docs/observability.md)."""
+    (docs/protocol.md)."""
     limit = int(params.get("limit", 0)) or None
     answers = sorted(views.items(), key=lambda kv: int(kv[0]))
     if path == "/connections":
@@ -680,22 +680,21 @@ def merge_view(path: str, params: dict[str, str], views: dict[str, Any]) -> dict
 
 
 def merge_topic_figures(
-    chosen: dict[str, Any], figures: dict[str, dict[str, list[float]]]
+    names: list[str], sort: str, interval: float, figures: dict[str, dict[str, list[float]]]
 ) -> dict[str, Any]:
     """The second round of /topics: the chosen topics with each worker's [rate, subscribers]
-    summed, in the order of the first round (a worker that did not answer counts nothing)."""
-    topics = []
-    for entry in chosen["topics"]:
-        name = entry["topic"]
+    summed, ranked again (a worker that did not answer counts nothing)."""
+    topics: list[dict[str, Any]] = []
+    for name in names:
         rate = subscribers = 0.0
         for answer in figures.values():
             rate_here, subscribers_here = answer.get(name, (0.0, 0))
             rate += rate_here
             subscribers += subscribers_here
         topics.append({"topic": name, "rate": rate, "subscribers": int(subscribers)})
-    key = "rate" if chosen["sort"] == "rate" else "subscribers"
+    key = "rate" if sort == "rate" else "subscribers"
     topics.sort(key=lambda t: t[key], reverse=True)
-    return {**chosen, "topics": topics}
+    return {"sort": sort, "interval_s": interval, "topics": topics}
 
 
 def merge_metrics(texts: dict[str, bytes]) -> bytes:
