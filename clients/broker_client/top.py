@@ -139,7 +139,8 @@ def _table(title: str) -> Table:
 
 
 def connections_table(data: dict[str, Any], title: str = "") -> Table:
-    """Connections as rows; one over the high-water mark (`slow`) in bold red."""
+    """Connections as rows; one over the high-water mark (`slow`) in bold red. With `--workers`
+    the fd column reads worker/fd (fds and ids are per worker)."""
     table = _table(title)
     for name, justify, width in (
         ("fd", "right", 5),
@@ -155,8 +156,9 @@ def connections_table(data: dict[str, Any], title: str = "") -> Table:
     ):
         table.add_column(name, justify=justify, no_wrap=True, min_width=width)  # type: ignore[arg-type]
     for c in data.get("connections", []):
+        fd = str(c.get("fd", c["id"]))
         table.add_row(
-            str(c.get("fd", c["id"])),
+            fd if c.get("worker") is None else f"{c['worker']}/{fd}",
             str(c["remote"]),
             str(c.get("user") or "-"),
             str(c["subscriptions"]),

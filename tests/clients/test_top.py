@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from broker_client.top import View, render
+from broker_client.top import View, connections_table, render
 from rich.console import Console
 
 from tests.auth.keys import SECRET, claims, sign
@@ -197,3 +197,15 @@ def test_top_live_in_a_terminal_switches_sort_and_quits(lagging: BrokerProcess) 
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(5)
         os.close(master)
+
+
+def test_a_connection_of_a_worker_shows_as_worker_slash_fd() -> None:
+    row = {
+        "id": 5, "fd": 17, "remote": "127.0.0.1", "user": None, "subscriptions": 1,
+        "queued_bytes": 0, "queued_frames": 0, "queue_age_s": 0.0, "dropped": 0,
+        "conflated_topics": 0, "connected_s": 1.0, "slow": False,
+    }  # fmt: skip
+    console = Console(width=120, record=True)
+    console.print(connections_table({"connections": [row, {**row, "fd": 18, "worker": 2}]}))
+    text = console.export_text()
+    assert re.search(r"^\s*17\s", text, re.M) and re.search(r"^\s*2/18\s", text, re.M), text
