@@ -131,7 +131,7 @@ class Server:
             self.api.metrics_source = link.gather_metrics
             link.render_stats = self.snapshot
             self.api.stats_source = link.gather_stats
-            link.render_view = self._view
+            link.render_view = lambda path, params: self.api.views[path](params)
             link.render_topics = self._topic_figures
             self.api.view_source = lambda path, params, done: link.gather_view(
                 path, {**params, "limit": str(_limit(params))}, done
@@ -486,10 +486,6 @@ class Server:
         else:
             raise ValueError("sort must be one of rate, subscribers")
         return {"sort": sort, "interval_s": elapsed, "topics": topics}
-
-    def _view(self, path: str, params: dict[str, str]) -> Any:
-        """This worker's part of a host-wide GET /connections or /topics (hub.merge_view)."""
-        return (self.connection_list if path == "/connections" else self.topic_list)(params)
 
     def _topic_figures(self, names: list[str], sort: str) -> dict[str, list[float]]:
         """[rate, subscribers] of each topic here (the second round of a host-wide /topics):

@@ -293,7 +293,7 @@ class Connection(Session):
     def flush(self) -> None:
         """Write what `out` holds with one send; arm EPOLLOUT for the rest. A paced replay
         (`backlog`) goes first, one chunk per call, and `out` waits until it is written.
-        (`flush_all` inlines the common case of this for the end of an iteration.)"""
+        (At the end of an iteration `flush_all` does the common case of this itself.)"""
         if self.backlog is not None and not self._flush_backlog():
             return
         out = self.out

@@ -10,10 +10,10 @@ fragmented message in progress holds a small `Message`.
 The common case costs a few comparisons: a complete, final, masked text or binary frame with no
 reserved bits and a 7- or 16-bit length is unmasked in one step and decoded (in C when the
 speedup is built: `_speedups.frames` takes such frames and stops at the first other one, which
-the loop below parses). Everything else goes
-through the same loop's slower branches, which apply wsproto's rules one by one, in wsproto's
-order, with wsproto's close codes (tests/wire/test_inbound.py checks that the two agree on
-generated frame sequences cut at every byte):
+the loop below parses). Everything else goes through the same loop's slower branches, which
+apply wsproto's rules one by one, in wsproto's order, with wsproto's close codes
+(tests/wire/test_inbound.py checks that the two agree on generated frame sequences cut at every
+byte):
 
 * 1002: an unknown opcode, a fragmented or over-125-byte control frame, a length not written in
   its shortest form or with the 64-bit MSB set, reserved bits (no extension is negotiated), an

@@ -41,6 +41,26 @@ def _subscribe(port: int, topic: str) -> RawWs:
     return ws
 
 
+def _flood(
+    port: int, seconds: float, flooding: threading.Event, stop: threading.Event
+) -> threading.Thread:
+    """A thread publishing to "flood" as fast as the broker reads, for at most `seconds` or
+    until `stop`; `flooding` is set once the first chunk went."""
+    chunk = b"".join(_publish_frame("flood", "#" * 40) for _ in range(200))
+
+    def flood() -> None:
+        flooder = RawWs(port)
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and time.monotonic() < deadline:
+            flooder.sock.sendall(chunk)
+            flooding.set()
+        flooder.close()
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    return thread
+
+
 def _sends_for_a_burst(broker: BrokerProcess, topics: int, rounds: int) -> tuple[float, float]:
     """Publish `rounds` messages to each of `topics` topics in one burst; every subscriber gets
     its messages in order. Returns (socket sends, deliveries) the burst cost the broker."""
@@ -126,18 +146,7 @@ def test_a_hold_ends_after_the_delay_while_a_flood_goes_on(
     clients.append(sub)
     flooding = threading.Event()
     stop = threading.Event()
-    chunk = b"".join(_publish_frame("flood", "#" * 40) for _ in range(200))
-
-    def flood() -> None:
-        flooder = RawWs(broker.port)
-        deadline = time.monotonic() + 8
-        while not stop.is_set() and time.monotonic() < deadline:
-            flooder.sock.sendall(chunk)
-            flooding.set()
-        flooder.close()
-
-    thread = threading.Thread(target=flood, daemon=True)
-    thread.start()
+    thread = _flood(broker.port, 8, flooding, stop)
     try:
         assert flooding.wait(5)
         time.sleep(0.5)  # well into the flood
@@ -166,15 +175,6 @@ def test_held_deliveries_show_as_lag(broker_factory: Factory, clients: list[RawW
     clients.append(sub)
     flooding = threading.Event()
     stop = threading.Event()
-    chunk = b"".join(_publish_frame("flood", "#" * 40) for _ in range(200))
-
-    def flood() -> None:
-        flooder = RawWs(broker.port)
-        deadline = time.monotonic() + 12
-        while not stop.is_set() and time.monotonic() < deadline:
-            flooder.sock.sendall(chunk)
-            flooding.set()
-        flooder.close()
 
     def drain() -> None:
         sub.sock.settimeout(0.2)
@@ -183,9 +183,8 @@ def test_held_deliveries_show_as_lag(broker_factory: Factory, clients: list[RawW
                 if not sub.sock.recv(1 << 16):
                     return
 
-    thread = threading.Thread(target=flood, daemon=True)
+    thread = _flood(broker.port, 12, flooding, stop)
     reader = threading.Thread(target=drain, daemon=True)
-    thread.start()
     reader.start()
     try:
         assert flooding.wait(5)
