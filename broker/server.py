@@ -40,7 +40,16 @@ from broker.auth.tokens import AuthConfigError, TokenVerifier
 from broker.config import Config
 from broker.errors import Closed
 from broker.metrics import TOP_LAG_RANKS, Stats, make_registry, render
-from broker.net.connection import CLOSED, CLOSING, HTTP, LINGER, OPEN, Connection, flush_all
+from broker.net.connection import (
+    CLOSED,
+    CLOSING,
+    HTTP,
+    LINGER,
+    OPEN,
+    Connection,
+    flush_all,
+    write_through,
+)
 from broker.net.hub import HubLink
 from broker.net.listener import Listener
 from broker.net.loop import EventLoop, Timer
@@ -108,6 +117,8 @@ class Server:
         self._fd_ceiling_logged = False
         self.router = Router(cfg, self.stats, TokenVerifier.from_config(cfg))
         self.router.on_grant = self.schedule_expiry
+        stats, loop = self.stats, self.loop
+        self.router.write_through = lambda subs, frame: write_through(subs, frame, stats, loop.now)
         self.registry = make_registry(self.stats, self.gauges)
         self.api = HttpApi(
             self.router,
@@ -313,6 +324,7 @@ class Server:
             for session in over:
                 if isinstance(session, Connection):
                     session.close(Closed.SLOW_CONSUMER, "slow consumer")
+        router.write_now = False
         dirty = router.dirty
         if dirty and not self._hold(router):
             router.dirty = []
@@ -332,6 +344,13 @@ class Server:
         self.busy = False
         if self.stopping and self.connections == 0:
             self.loop.stop()
+
+    def lone_read(self) -> bool:
+        """Is the read being handled the iteration's only input? It is when it is the loop's
+        only event, did not fill --read-size and no deliveries are held back: then nothing
+        else can queue output before the flush, and its deliveries may be written at once
+        (router.handle_batch)."""
+        return self.loop.ready == 1 and not self.busy and not self.held_since
 
     def _hold(self, router: Router) -> bool:
         """Hold this iteration's deliveries back, to be written with the next ones? Only while

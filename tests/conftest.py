@@ -4,6 +4,7 @@ real redis-server for the --redis tests."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import shutil
@@ -20,6 +21,10 @@ from typing import Any, BinaryIO
 
 import hiredis
 import pytest
+
+from broker.config import Config
+from broker.errors import Closed
+from broker.server import Server
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -310,3 +315,22 @@ def redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[[], Server]]:
+    """Servers whose loop never runs: the test calls the flush itself on connections it made
+    over real loopback sockets. Everything is closed at teardown."""
+    made: list[Server] = []
+
+    def make() -> Server:
+        srv = Server(dataclasses.replace(Config(), port=0), fd_limit=1024)
+        made.append(srv)
+        return srv
+
+    yield make
+    for srv in made:
+        for conn in srv._connections():
+            conn.abort(Closed.SHUTDOWN)
+        srv.listener.close()
+        srv.loop.close()

@@ -19,9 +19,8 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +40,7 @@ from broker.pubsub.router import Router
 from broker.pubsub.session import Session
 from broker.server import Server
 from tests.conftest import REPO, BrokerProcess
+from tests.loopback import Pairs, after, fill, read_exactly
 from tests.wsraw import OP_TEXT, RawWs, encode_frame
 
 Ws = Callable[..., RawWs]
@@ -422,25 +422,6 @@ def test_bind_refuses_what_is_not_a_class() -> None:
 # -- flush: real loopback sockets in this process ------------------------------------------------
 
 
-@pytest.fixture
-def servers() -> Iterator[Callable[[], Server]]:
-    """Servers whose loop never runs: the test calls the flush itself on connections it made
-    over real loopback sockets. Everything is closed at teardown."""
-    made: list[Server] = []
-
-    def make() -> Server:
-        srv = Server(dataclasses.replace(Config(), port=0), fd_limit=1024)
-        made.append(srv)
-        return srv
-
-    yield make
-    for srv in made:
-        for conn in srv._connections():
-            conn.abort(Closed.SHUTDOWN)
-        srv.listener.close()
-        srv.loop.close()
-
-
 class SubConnection(Connection):
     __slots__ = ()
 
@@ -469,61 +450,43 @@ def _frame(size: int, tag: int) -> bytes:
     return (b"%d:" % tag).ljust(size, b".")
 
 
-class Pairs:
-    """Loopback TCP connections: the broker's end a Connection of `server`, the peer a socket."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.peers: list[socket.socket] = []
-
-    def open(
-        self, cls: type[Connection] = Connection, small: bool = False
-    ) -> tuple[Connection, socket.socket]:
-        peer = socket.socket()
-        self.peers.append(peer)
-        if small:  # a 4 KiB window, and a send buffer that does not grow (SO_SNDBUF locks it)
-            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        peer.connect(self.listener.getsockname())
-        sock, _ = self.listener.accept()
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if small:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        conn = cls(sock, self.server)
-        conn.state = OPEN  # as after the upgrade
-        conn.http = None
-        return conn, peer
-
-    def close(self) -> None:
-        self.listener.close()
-        for peer in self.peers:
-            peer.close()
-
-
 def _queue(conn: Connection, parts: list[bytes | memoryview]) -> bytes:
     conn.out = list(parts)
     conn.queued = sum(map(len, parts))
     return b"".join(parts)
 
 
-def _fill(conn: Connection) -> int:
-    """Write to the connection's socket until the kernel takes nothing more, even after a
-    pause for late ACKs: the peer's window is shut and the send buffer full."""
-    filled = 0
-    for _ in range(20):
-        took = 0
-        while True:
-            try:
-                n = conn.sock.send(b"p" * 65536)
-            except BlockingIOError:
-                break
-            took += n
-        filled += took
-        if not took and filled:
-            return filled
-        time.sleep(0.02)
-    raise AssertionError("the peer's window never shut")
+def _add(
+    pairs: Pairs,
+    cases: list[Case],
+    name: str,
+    expect: str,
+    parts: list[bytes | memoryview],
+    **kw: Any,
+) -> Connection:
+    """A connection for one case: `parts` queued, `kw` set on it (`cls`, `small` and `fill`
+    shape its socket: see Pairs.open and fill)."""
+    cls = kw.pop("cls", Connection)
+    full = kw.pop("fill", False)
+    conn, peer = pairs.open(cls, small=kw.pop("small", False))
+    for attr, value in kw.items():
+        setattr(conn, attr, value)
+    prefill = fill(conn) if full else 0
+    wire = b"".join(conn.backlog or ()) + _queue(conn, parts)
+    cases.append(Case(name, expect, conn, peer, wire, prefill))
+    if "mask" in kw:  # epoll must agree with the slot
+        pairs.server.loop.modify(conn.fd, kw["mask"])
+    return conn
+
+
+def _reset(conn: Connection, peer: socket.socket | None) -> None:
+    """The peer resets the connection: the broker's next send fails (ECONNRESET or EPIPE)."""
+    assert peer is not None
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    poller = select.poll()
+    poller.register(conn.sock, select.POLLERR | select.POLLHUP)
+    assert poller.poll(2000), "the reset did not arrive"
 
 
 def _cases(pairs: Pairs) -> tuple[list[Case], list[Any]]:
@@ -532,15 +495,7 @@ def _cases(pairs: Pairs) -> tuple[list[Case], list[Any]]:
     cases: list[Case] = []
 
     def add(name: str, expect: str, parts: list[bytes | memoryview], **kw: Any) -> Connection:
-        cls = kw.pop("cls", Connection)
-        fill = kw.pop("fill", False)
-        conn, peer = pairs.open(cls, small=kw.pop("small", False))
-        for attr, value in kw.items():
-            setattr(conn, attr, value)
-        prefill = _fill(conn) if fill else 0
-        wire = b"".join(conn.backlog or ()) + _queue(conn, parts)
-        cases.append(Case(name, expect, conn, peer, wire, prefill))
-        return conn
+        return _add(pairs, cases, name, expect, parts, **kw)
 
     loop = pairs.server.loop
     add("one part", "sent", [_frame(300, 1)])
@@ -549,8 +504,7 @@ def _cases(pairs: Pairs) -> tuple[list[Case], list[Any]]:
     add("empty", "skip", [])
     add("IOV_MAX + 1 parts", "back", [_frame(4, k) for k in range(IOV_MAX + 1)])
     add("memoryview tail", "back", [b"ab", memoryview(b"xcdef")[1:]])
-    writing = add("EPOLLOUT armed", "back", [_frame(100, 1)], mask=READING | EPOLLOUT)
-    loop.modify(writing.fd, writing.mask)
+    add("EPOLLOUT armed", "back", [_frame(100, 1)], mask=READING | EPOLLOUT)
     add("backlog stamp", "back", [_frame(100, 1)], since=loop.now - 1.0)
     add("paced replay", "back", [_frame(70, 3)], backlog=deque([_frame(50, 1), _frame(60, 2)]))
     add("draining", "back", [_frame(80, 1)], state=DRAINING)
@@ -561,40 +515,11 @@ def _cases(pairs: Pairs) -> tuple[list[Case], list[Any]]:
     closed.abort(Closed.CLIENT_CLOSE)
     cases.append(Case("not a connection", "back", DuckConnection()))
     gone = add("peer reset", "failed", [_frame(100, 1)])
-    peer = cases[-1].peer
-    assert peer is not None
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    peer.close()  # RST: the broker's send fails with ECONNRESET or EPIPE
-    poller = select.poll()
-    poller.register(gone.sock, select.POLLERR | select.POLLHUP)
-    assert poller.poll(2000), "the reset did not arrive"
+    _reset(gone, cases[-1].peer)
     add("short send", "short", [_frame(65536, k) for k in range(16)], small=True)
     add("stalled", "short", [_frame(1000, 1)], small=True, fill=True)
     sessions = [c.target for c in cases]
     return cases, [cases[0].target, *sessions]
-
-
-def _read(peer: socket.socket, n: int) -> bytes:
-    peer.settimeout(5)
-    got = bytearray()
-    while len(got) < n:
-        chunk = peer.recv(min(n - len(got), 1 << 20))
-        if not chunk:
-            break
-        got += chunk
-    return bytes(got)
-
-
-def _after(peer: socket.socket) -> str:
-    """What the peer finds once it has read what it was owed: nothing yet, EOF, or a reset."""
-    peer.setblocking(False)
-    try:
-        extra = peer.recv(65536)
-    except BlockingIOError:
-        return "nothing"
-    except ConnectionResetError:
-        return "reset"
-    return "eof" if not extra else f"{len(extra)} bytes more"
 
 
 def _observe(case: Case) -> tuple[dict[str, Any], int]:
@@ -618,9 +543,9 @@ def _observe(case: Case) -> tuple[dict[str, Any], int]:
         return seen, 0
     assert case.peer is not None
     sent = len(case.wire) - len(tail)
-    got = _read(case.peer, case.prefill + sent)
+    got = read_exactly(case.peer, case.prefill + sent)
     assert got[case.prefill :] == case.wire[:sent], case.name
-    seen["after"] = _after(case.peer)
+    seen["after"] = after(case.peer)
     return seen, sent
 
 
@@ -646,8 +571,8 @@ def test_flush_sends_the_steady_state_and_hands_back_everything_else(
                 assert id(target) not in handed, case.name
                 assert target.out == [] and target.queued == 0, case.name
                 assert case.peer is not None
-                assert _read(case.peer, len(case.wire)) == case.wire, case.name
-                assert _after(case.peer) == "nothing", case.name
+                assert read_exactly(case.peer, len(case.wire)) == case.wire, case.name
+                assert after(case.peer) == "nothing", case.name
                 total += len(case.wire)
                 continue
             # Whatever C hands back it leaves as it was: Python finishes the job.
@@ -661,9 +586,9 @@ def test_flush_sends_the_steady_state_and_hands_back_everything_else(
             else:
                 assert isinstance(sent, int) and 0 <= sent < len(case.wire), (case.name, sent)
                 assert case.peer is not None
-                got = _read(case.peer, case.prefill + sent)
+                got = read_exactly(case.peer, case.prefill + sent)
                 assert got[case.prefill :] == case.wire[:sent], case.name
-                assert _after(case.peer) == "nothing", case.name
+                assert after(case.peer) == "nothing", case.name
                 total += sent
         assert any(case.expect == "short" and handed[id(case.target)] for case in cases)
         # One send per connection written (the repeated one only once), the short ones too.
@@ -713,6 +638,143 @@ def test_flush_all_in_c_ends_as_the_python_twin(servers: Callable[[], Server]) -
     assert cases_seen["draining"]["state"] == LINGER and cases_seen["draining"]["after"] == "eof"
     assert cases_seen["not a connection"] == {"flushes": 1}
     assert in_c["closed"] == {"client_gone": 1, "client_close": 1}
+
+
+# -- write_through: a lone read's deliveries written at once --------------------------------------
+
+
+def _through_cases(pairs: Pairs) -> tuple[list[Case], tuple[Any, ...]]:
+    """One connection per case `write_through` must tell apart, in the order given; `expect`:
+    "sent" (written at once), "back" (handed back untouched), "short" (a partial send)."""
+    cases: list[Case] = []
+
+    def add(name: str, expect: str, parts: list[bytes | memoryview], **kw: Any) -> Connection:
+        return _add(pairs, cases, name, expect, parts, **kw)
+
+    loop = pairs.server.loop
+    add("steady", "sent", [])
+    add("something queued", "back", [_frame(100, 1)])
+    add("EPOLLOUT armed", "back", [], mask=READING | EPOLLOUT)
+    add("backlog stamp", "back", [], since=loop.now - 1.0)
+    add("paced replay", "back", [], backlog=deque([_frame(50, 1)]))
+    add("draining", "back", [], state=DRAINING)
+    http = add("HTTP", "back", [])
+    http.state = connection_module.HTTP
+    add("subclass", "back", [], cls=SubConnection)
+    closed = add("closed", "back", [])
+    closed.abort(Closed.CLIENT_CLOSE)
+    cases.append(Case("a plain session", "back", Session()))
+    gone = add("peer reset", "back", [])
+    _reset(gone, cases[-1].peer)
+    add("stalled", "short", [], small=True, fill=True)
+    add("steady too", "sent", [])
+    return cases, tuple(c.target for c in cases)
+
+
+THROUGH = _frame(300, 7)
+
+
+def test_write_through_writes_the_steady_empty_buffers_and_hands_back_the_rest(
+    servers: Callable[[], Server],
+) -> None:
+    net = connection_module._speedups
+    assert net is not None, "the C speedup is not in use"
+    pairs = Pairs(servers())
+    try:
+        cases, subs = _through_cases(pairs)
+        before = [(list(c.target.out), c.target.queued) for c in cases]
+        sends, sent_bytes, skipped, partial = net.write_through(subs, THROUGH)
+        assert skipped == [c.target for c in cases if c.expect == "back"], "in order, each once"
+        stalled = next(c.target for c in cases if c.expect == "short")
+        assert partial == [(stalled, 0)]
+        assert sends == 3 and sent_bytes == 2 * len(THROUGH)
+        for case, was in zip(cases, before, strict=True):
+            # C changes no session: the partial one's tail is Python's (`write_through`).
+            assert (case.target.out, case.target.queued) == was, case.name
+            if case.expect == "sent":
+                assert case.peer is not None
+                assert read_exactly(case.peer, len(THROUGH)) == THROUGH, case.name
+                assert after(case.peer) == "nothing", case.name
+        # A partial send of more than nothing: a big frame into a small window.
+        conn, peer = pairs.open(small=True)
+        big = _frame(1 << 20, 9)
+        sends, sent_bytes, skipped, partial = net.write_through((conn,), big)
+        assert skipped is None and partial == [(conn, sent_bytes)] and sends == 1
+        assert 0 < sent_bytes < len(big)
+        assert read_exactly(peer, sent_bytes) == big[:sent_bytes]
+    finally:
+        pairs.close()
+
+
+def _through_seen(case: Case, frame: bytes) -> dict[str, Any]:
+    """A case's state after `write_through`, with how much of a partial send went left out."""
+    target = case.target
+    if type(target) is Session:
+        return {"out": target.out, "queued": target.queued}
+    tail = b"".join(target.out)
+    seen: dict[str, Any] = {
+        "state": target.state,
+        "mask": target.mask,
+        "queued": target.queued == len(tail),
+        "tail parts": [type(p).__name__ for p in target.out],
+        "stamped": target.since > 0,
+    }
+    if target.state == connection_module.CLOSED or case.peer is None or case.peer.fileno() < 0:
+        return seen  # closed, or its peer reset it
+    if case.expect == "sent":
+        seen["got"] = read_exactly(case.peer, len(frame)) == frame
+    elif case.expect == "short":
+        sent = len(frame) - len(tail)
+        got = read_exactly(case.peer, case.prefill + sent)
+        seen["got"] = got[case.prefill :] + tail == frame
+    seen["after"] = after(case.peer)
+    return seen
+
+
+def test_write_through_in_c_ends_as_the_python_twin(servers: Callable[[], Server]) -> None:
+    assert connection_module._speedups is not None, "the C speedup is not in use"
+    runs: list[dict[str, Any]] = []
+    for twin in ("c", "python"):
+        server = servers()
+        pairs = Pairs(server)
+        try:
+            cases, subs = _through_cases(pairs)
+            short, _ = pairs.open(small=True)
+            cases.append(Case("short", "short", short, pairs.peers[-1]))
+            big = _frame(1 << 20, 9)
+            with pytest.MonkeyPatch.context() as mp:
+                if twin == "python":
+                    mp.setattr(connection_module, "_speedups", None)
+                now = server.loop.now
+                rest = connection_module.write_through(subs, THROUGH, server.stats, now)
+                rest_big = connection_module.write_through((short,), big, server.stats, now)
+            runs.append(
+                {
+                    "rest": [
+                        cases.index(next(c for c in cases if c.target is s)) for s in rest or ()
+                    ],
+                    "rest big": rest_big,
+                    "cases": {
+                        c.name: _through_seen(c, big if c.target is short else THROUGH)
+                        for c in cases
+                    },
+                    "sends": server.stats.sends,
+                    "timed_flushes": server.stats.timed_flushes,
+                    "queue ages": sum(server.stats.queue_age),
+                }
+            )
+        finally:
+            pairs.close()
+    in_c, in_python = runs
+    assert in_c == in_python
+    seen = in_c["cases"]
+    assert seen["steady"]["got"] and seen["steady too"]["got"]
+    for name in ("stalled", "short"):  # the tail kept, EPOLLOUT armed, the backlog stamped
+        assert seen[name]["got"] and seen[name]["tail parts"] == ["memoryview"], name
+        assert seen[name]["mask"] & EPOLLOUT and seen[name]["stamped"], name
+    assert seen["peer reset"]["state"] == OPEN  # handed back: the flush will meet the error
+    assert in_c["sends"] == 4 and in_c["rest big"] is None
+    assert in_c["queue ages"] == 2  # the two written whole; the tails are timed as they drain
 
 
 # -- end to end: broker processes with and without the speedups ----------------------------------

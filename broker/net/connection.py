@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import select
 import socket
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -163,7 +164,8 @@ class Connection(Session):
             self.rx_need = need
         if events:
             if self.state == OPEN:
-                self.server.router.handle_batch(self, events)
+                server = self.server
+                server.router.handle_batch(self, events, server.lone_read())
             # else CLOSING: the peer's last messages are discarded, and no more pongs (7.1.2)
             if self.state >= DRAINING:
                 return
@@ -544,6 +546,69 @@ def _flush_steady(sessions: list[Session], stats: Stats) -> None:
             conn._sent(data, sent)
     stats.sends += sends
     stats.bytes_sent += sent_bytes
+
+
+def write_through(
+    subs: tuple[Session, ...], frame: bytes, stats: Stats, started: float
+) -> tuple[Session, ...] | None:
+    """Send `frame` now to each subscriber in the steady state with an empty buffer; the
+    others (None: there are none) take the ordinary path, a buffer flushed at the end of the
+    iteration. The server asks for this only for a read that carried one message and was the
+    loop's only event (nothing else can join the buffers this iteration, so nothing is lost to
+    coalescing): the first subscriber's send starts before the walk over the 1,000 others, and
+    each is touched once, not at fan-out and again at the flush (W3 in docs/benchmarks.md)."""
+    if _speedups is None:
+        sends, sent_bytes, skipped, partial = _write_through_py(subs, frame)
+    else:
+        sends, sent_bytes, skipped, partial = _speedups.write_through(subs, frame)
+    stats.sends += sends
+    stats.bytes_sent += sent_bytes
+    if partial is not None:
+        for conn, sent in partial:
+            conn._sent(frame, sent)  # keeps the tail and arms EPOLLOUT; timed when it drains
+        sends -= len(partial)
+    if sends:  # how late they got it: since the iteration began (`started`), as for the flush
+        stats.record_queue_age(time.monotonic() - started, sends)
+    return None if skipped is None else tuple(skipped)
+
+
+def _write_through_py(
+    subs: tuple[Session, ...], frame: bytes
+) -> tuple[int, int, list[Session] | None, list[tuple[Connection, int]] | None]:
+    """`write_through`'s walk in Python (the C twin's reference)."""
+    sends = 0
+    sent_bytes = 0
+    skipped: list[Session] | None = None
+    partial: list[tuple[Connection, int]] | None = None
+    for conn in subs:
+        if (
+            type(conn) is not Connection
+            or conn.queued
+            or conn.mask != READING
+            or conn.state != OPEN
+            or conn.backlog is not None
+            or conn.since
+        ):
+            sent = -1
+        else:
+            try:
+                sent = conn.sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:  # the flush meets the error and closes it
+                sent = -1
+        if sent < 0:
+            if skipped is None:
+                skipped = []
+            skipped.append(conn)
+            continue
+        sends += 1
+        sent_bytes += sent
+        if sent != len(frame):
+            if partial is None:
+                partial = []
+            partial.append((conn, sent))  # type: ignore[arg-type]
+    return sends, sent_bytes, skipped, partial
 
 
 _speedups = load("broker.net._speedups")

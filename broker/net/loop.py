@@ -112,6 +112,7 @@ class EventLoop:
         self._timers: list[tuple[float, int, Timer]] = []
         self._timer_seq = itertools.count()
         self.now = time.monotonic()
+        self.ready = 0  # events this iteration's wait returned
         self.signals: list[int] = []
         self.on_signal: Callable[[int], None] = lambda signum: None
         self.after_events: list[Callable[[], None]] = []  # run once per iteration, in order
@@ -211,7 +212,8 @@ class EventLoop:
             events = []
         start = time.perf_counter_ns()
         self.now = time.monotonic()
-        stats.record_wait(len(events))
+        self.ready = len(events)
+        stats.record_wait(self.ready)
         # Counted in the dispatch loop: `Counter.update` cost ~20 us per wake-up after a
         # long sleep (its Mapping check, cold), more than the loop's own work for one event.
         masks = stats.event_masks

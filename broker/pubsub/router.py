@@ -5,7 +5,11 @@ A publish is matched against the subscriptions (topics.Sublist, cached), numbere
 `seq`, encoded once per encoding that has subscribers, and the same frame bytes are appended to
 every subscriber's `out`. The router never writes to a socket and never calls a connection: it
 appends, and it lists in `dirty` each session whose buffer went from empty to non-empty, so the
-loop flushes each one once at the end of the iteration (one send carries many frames).
+loop flushes each one once at the end of the iteration (one send carries many frames). One
+exception, decided by the loop: for a read that is the iteration's only input (`handle_batch`'s
+`lone`), there is nothing to coalesce, and the fan-out first hands the frame to the loop's
+`write_through`, which writes it at once to each subscriber with an empty buffer and hands back
+the others to be appended as usual (docs/design.md, "Write-through").
 
 Slow consumers: a delivery that finds a session's `out` over the high-water mark does not append;
 it applies the topic's overflow policy (pubsub/overflow.py, resolved only on this slow path):
@@ -88,6 +92,10 @@ def _nothing(session: Session) -> None:
     pass
 
 
+def _write_nothing(subs: tuple[Session, ...], frame: bytes) -> tuple[Session, ...]:
+    return subs
+
+
 def window_messages(window: Window, budget: int) -> list[tuple[int, Any]]:
     """(seq, data) of a history window, cut after `budget` bytes (at least one message), so
     that any client can read the reply; the caller asks again from the last seq it got."""
@@ -127,6 +135,11 @@ class Router:
         self.topic_counts: dict[str, int] = {}  # publishes per topic since the last stats tick
         self.now = 0.0  # set by the loop each iteration; the rate limiter's clock
         self.backplane: Backplane | None = None  # set by the server with --workers/--redis
+        # The loop's way to write a frame to subscribers at once (net.connection.write_through),
+        # used while `write_now` is set: see `handle_batch`. It hands back those it did not write.
+        self.write_through: Callable[[tuple[Session, ...], bytes], tuple[Session, ...] | None]
+        self.write_through = _write_nothing
+        self.write_now = False
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -197,9 +210,15 @@ class Router:
         if req_id is not None:
             self.reply(session, messages.ack(req_id, session.encoding, delivered))
 
-    def handle_batch(self, session: Session, events: list[str | bytes | Ping]) -> None:
+    def handle_batch(
+        self, session: Session, events: list[str | bytes | Ping], lone: bool = False
+    ) -> None:
         """Run the messages of one read in order (text: JSON, bytes: msgpack) and answer its
-        pings with pongs, in their place among the replies."""
+        pings with pongs, in their place among the replies. `lone`: the caller knows nothing
+        else will queue output this iteration, so a lone message's deliveries are written at
+        once (`write_through`) instead of buffered for the end-of-iteration flush: with nothing
+        to coalesce, buffering only delays them (W3 in docs/benchmarks.md)."""
+        self.write_now = lone and len(events) == 1
         handle = self.handle
         # A publisher's batch, the common case: with nothing to check per session (no token, no
         # rate limit, no backplane), a publish in the fast form goes straight to the fan-out
@@ -229,6 +248,7 @@ class Router:
                 handle(session, event, True)  # type: ignore[arg-type]
             else:
                 self.reply(session, pong_frame(event.payload))  # type: ignore[union-attr]
+        self.write_now = False
 
     def reply(self, session: Session, frame: bytes) -> None:
         # Replies are not subject to the high-water mark: the loop stops reading a session that
@@ -459,13 +479,21 @@ class Router:
 
     def _fan_out(self, subs: tuple[Session, ...], frame: bytes, topic: str) -> int:
         """The hot loop: one append of the shared frame per subscriber, nothing copied. In C
-        when the speedup is built; it leaves a session over half the mark to `_fan_out_py`."""
+        when the speedup is built; it leaves a session over half the mark to `_fan_out_py`.
+        With `write_now`, the loop first writes the frame to every subscriber it can."""
+        delivered = 0
+        if self.write_now:
+            rest = self.write_through(subs, frame)
+            if rest is None:
+                return len(subs)
+            delivered = len(subs) - len(rest)
+            subs = rest
         if _speedups is None:
-            return self._fan_out_py(subs, frame, topic)
+            return delivered + self._fan_out_py(subs, frame, topic)
         rest = _speedups.fan_out(subs, frame, self.dirty, self.config.outbound_high_water >> 1)
         if rest is None:
-            return len(subs)
-        return len(subs) - len(rest) + self._fan_out_py(rest, frame, topic)
+            return delivered + len(subs)
+        return delivered + len(subs) - len(rest) + self._fan_out_py(rest, frame, topic)
 
     def _fan_out_py(self, subs: Sequence[Session], frame: bytes, topic: str) -> int:
         """`_fan_out` in Python, and the C twin's path for sessions over half the mark."""
