@@ -227,9 +227,28 @@ write_through(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t sends = 0, bytes_sent = 0;
     /* `conn` is borrowed from the tuple, which holds it; nothing here runs Python code except
      * the allocations of the two lists and their pairs, after which no slot is reused. */
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(subs); i++) {
+    Py_ssize_t n = PyTuple_GET_SIZE(subs);
+    for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *conn = PyTuple_GET_ITEM(subs, i);
         long fd = -1;
+        /* Each send is microseconds long: time enough to bring the next sessions' slots into
+         * the cache, which the kernel's sends evict (W3 in docs/benchmarks.md). Two ahead, the
+         * slots; one ahead, its fd object (its slot's line came in one step ago). */
+        if (i + 2 < n) {
+            char *ahead = (char *)PyTuple_GET_ITEM(subs, i + 2);
+            __builtin_prefetch(ahead);
+            __builtin_prefetch(ahead + off_mask);
+            __builtin_prefetch(ahead + off_state);
+            __builtin_prefetch(ahead + off_queued);
+            __builtin_prefetch(ahead + off_fd);
+            __builtin_prefetch(ahead + off_since);
+            __builtin_prefetch(ahead + off_backlog);
+        }
+        if (i + 1 < n) {
+            PyObject *next = PyTuple_GET_ITEM(subs, i + 1);
+            if (Py_TYPE(next) == conn_type)
+                __builtin_prefetch(SLOT(next, off_fd));
+        }
         /* An empty buffer: `queued` (the bytes `out` holds, session.py) is 0. */
         if (steady(conn) && slot_is(conn, off_queued, 0)) {
             int overflow;
