@@ -53,6 +53,7 @@ from broker.net.connection import (
 from broker.net.hub import HubLink
 from broker.net.listener import Listener
 from broker.net.loop import EventLoop, Timer
+from broker.net.reads import ReadBuffer
 from broker.net.redis import RedisConfigError, RedisLink
 from broker.net.tls import TlsConnection, TlsSetupError, server_context
 from broker.pubsub.http_api import HttpApi
@@ -114,6 +115,7 @@ class Server:
         if cfg.tls_cert:
             self.tls_context = server_context(cfg.tls_cert, cfg.tls_key)
         self.loop = EventLoop(self.stats, fd_limit, cfg.poller)
+        self.reader = ReadBuffer(cfg.read_size)  # every connection's reads (net/reads.py)
         self._fd_ceiling_logged = False
         self.router = Router(cfg, self.stats, TokenVerifier.from_config(cfg))
         self.router.on_grant = self.schedule_expiry

@@ -112,18 +112,18 @@ class Connection(Session):
 
     def on_readable(self) -> None:
         server = self.server
+        reader = server.reader  # net/reads.py: recv(256 KiB) would allocate 256 KiB per read
         try:
-            data = self.sock.recv(server.config.read_size)
+            n = self.sock.recv_into(reader.buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.abort(Closed.CLIENT_GONE)
             return
-        n = len(data)
         server.stats.bytes_received += n
-        if n == server.config.read_size:
+        if n == reader.size:
             server.busy = True  # more is waiting: the loop may write deliveries together
-        self._received(data)
+        self._received(reader.view[:n].tobytes())
 
     def _received(self, data: bytes) -> None:
         """Bytes from the peer (after TLS, if any); b"" is its EOF."""

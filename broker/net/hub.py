@@ -56,6 +56,7 @@ import msgpack
 
 from broker.config import Config
 from broker.metrics import Stats
+from broker.net.reads import ReadBuffer
 from broker.pubsub.backplane import Backplane
 from broker.pubsub.history import LocalStreams
 from broker.pubsub.router import Router, window_messages
@@ -126,6 +127,7 @@ class Channel:
         self.fd = sock.fileno()
         self.out = bytearray()
         self.unpacker = _unpacker()
+        self.reader = ReadBuffer(READ_SIZE)
         self.closed = False
         self.mask = _WANT
         self.sent_messages = 0
@@ -139,7 +141,7 @@ class Channel:
     def read(self) -> list[Any] | None:
         """The messages one recv brought; None at EOF or on an error."""
         try:
-            data = self.sock.recv(READ_SIZE)
+            data = self.reader.recv(self.sock)  # net/reads.py
         except (BlockingIOError, InterruptedError):
             return []
         except OSError:

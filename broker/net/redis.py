@@ -62,6 +62,7 @@ import hiredis
 import msgpack
 
 from broker.errors import RequestError
+from broker.net.reads import ReadBuffer
 from broker.pubsub.backplane import Backplane, unavailable
 from broker.pubsub.history import new_epoch
 from broker.wire import codec, messages
@@ -297,6 +298,7 @@ class RedisLink(Backplane):
         super().__init__()
         self.resolve_host = resolve
         self.config = config
+        self.read_buffer = ReadBuffer(READ_SIZE)
         self.address = parse_url(config.redis)
         self.loop = loop
         self.router = router
@@ -534,7 +536,7 @@ class RedisLink(Backplane):
         sock = self.sock
         assert sock is not None
         try:
-            data = sock.recv(READ_SIZE)
+            data = self.read_buffer.recv(sock)  # net/reads.py
         except (BlockingIOError, InterruptedError):
             return
         if not data:
@@ -546,9 +548,11 @@ class RedisLink(Backplane):
             if not self._tls_done:
                 return
             chunks = []
+            buffer = self.read_buffer  # free again: `data` was a copy of it
             try:
                 while True:
-                    chunks.append(self.ssl.read(READ_SIZE))
+                    n: int = self.ssl.read(READ_SIZE, buffer.buf)  # type: ignore[assignment]
+                    chunks.append(buffer.view[:n].tobytes())
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLZeroReturnError:

@@ -140,7 +140,7 @@ class TlsConnection(Connection):
     def on_readable(self) -> None:
         server = self.server
         try:
-            data = self.sock.recv(server.config.read_size)
+            data = server.reader.recv(self.sock)  # net/reads.py
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -164,17 +164,18 @@ class TlsConnection(Connection):
         if not self.tls_ready and not self._handshake():
             return
         # Decrypt everything this recv brought: what stays in the BIO is an incomplete record.
+        # Into the server's read buffer (net/reads.py), free again: `data` was a copy of it.
         read = self.tls.read
-        size = server.config.read_size
+        reader = server.reader
         chunks = []
         eof = False
         try:
             while True:
-                chunk = read(size)
-                if not chunk:  # the peer's close_notify
+                got: int = read(reader.size, reader.buf)  # type: ignore[assignment]  # a count
+                if not got:  # the peer's close_notify
                     eof = True
                     break
-                chunks.append(chunk)
+                chunks.append(reader.view[:got].tobytes())
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             pass
         except ssl.SSLError as exc:
