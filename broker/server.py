@@ -326,7 +326,6 @@ class Server:
             for session in over:
                 if isinstance(session, Connection):
                     session.close(Closed.SLOW_CONSUMER, "slow consumer")
-        router.write_now = False
         dirty = router.dirty
         if dirty and not self._hold(router):
             router.dirty = []

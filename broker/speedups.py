@@ -1,8 +1,9 @@
 """The optional C speedups: which are built and in use.
 
 A speedup is a C twin of one hot Python loop: the common case of client frames
-(`broker/wire/_speedups.c`), fan-out's appends (`broker/pubsub/_speedups.c`) and the
-end-of-iteration flush (`broker/net/_speedups.c`). `pip install` builds them when a C
+(`broker/wire/_speedups.c`), fan-out's appends (`broker/pubsub/_speedups.c`), and the
+end-of-iteration flush with the write-through of a lone read's deliveries
+(`broker/net/_speedups.c`). `pip install` builds them when a C
 compiler is there and skips them otherwise; the broker then runs the Python twins, which stay
 the reference (the tests run both and compare). BROKER_NO_SPEEDUPS=1 in the environment turns
 them off, to measure what they give or to rule them out. docs/design.md "C speedups"."""
@@ -18,7 +19,7 @@ DISABLE = "BROKER_NO_SPEEDUPS"
 MODULES = {
     "frames": "broker.wire._speedups",
     "fan-out": "broker.pubsub._speedups",
-    "flush": "broker.net._speedups",
+    "flush and write-through": "broker.net._speedups",
 }
 
 

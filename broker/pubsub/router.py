@@ -219,36 +219,40 @@ class Router:
         once (`write_through`) instead of buffered for the end-of-iteration flush: with nothing
         to coalesce, buffering only delays them (W3 in docs/benchmarks.md)."""
         self.write_now = lone and len(events) == 1
-        handle = self.handle
-        # A publisher's batch, the common case: with nothing to check per session (no token, no
-        # rate limit, no backplane), a publish in the fast form goes straight to the fan-out
-        # (`_publish`'s last two steps, inlined: a call less per publish is 2% of W4's).
-        direct = session.grant is None and not self.config.publish_rate and self.backplane is None
-        simple_publish = messages.simple_publish
-        publish = self.publish
-        for event in events:
-            kind = type(event)
-            if kind is str:
-                if direct:
-                    try:
-                        simple = simple_publish(event)  # type: ignore[arg-type]
-                    except RequestError:  # a bad topic: `handle` answers it
-                        handle(session, event, False)  # type: ignore[arg-type]
+        try:
+            handle = self.handle
+            # A publisher's batch, the common case: with nothing to check per session (no token, no
+            # rate limit, no backplane), a publish in the fast form goes straight to the fan-out
+            # (`_publish`'s last two steps, inlined: a call less per publish is 2% of W4's).
+            direct = (
+                session.grant is None and not self.config.publish_rate and self.backplane is None
+            )
+            simple_publish = messages.simple_publish
+            publish = self.publish
+            for event in events:
+                kind = type(event)
+                if kind is str:
+                    if direct:
+                        try:
+                            simple = simple_publish(event)  # type: ignore[arg-type]
+                        except RequestError:  # a bad topic: `handle` answers it
+                            handle(session, event, False)  # type: ignore[arg-type]
+                            continue
+                        if simple is None:  # any other request: the full parser, no second test
+                            handle(session, event, False, False)  # type: ignore[arg-type]
+                            continue
+                        topic, data, req_id = simple
+                        delivered = publish(topic, data, len(event), True)
+                        if req_id is not None:
+                            self.reply(session, messages.ack(req_id, session.encoding, delivered))
                         continue
-                    if simple is None:  # any other request: the full parser, no second test
-                        handle(session, event, False, False)  # type: ignore[arg-type]
-                        continue
-                    topic, data, req_id = simple
-                    delivered = publish(topic, data, len(event), True)
-                    if req_id is not None:
-                        self.reply(session, messages.ack(req_id, session.encoding, delivered))
-                    continue
-                handle(session, event, False)  # type: ignore[arg-type]
-            elif kind is bytes:
-                handle(session, event, True)  # type: ignore[arg-type]
-            else:
-                self.reply(session, pong_frame(event.payload))  # type: ignore[union-attr]
-        self.write_now = False
+                    handle(session, event, False)  # type: ignore[arg-type]
+                elif kind is bytes:
+                    handle(session, event, True)  # type: ignore[arg-type]
+                else:
+                    self.reply(session, pong_frame(event.payload))  # type: ignore[union-attr]
+        finally:  # never beyond this batch: a backplane's deliveries are not this read's
+            self.write_now = False
 
     def reply(self, session: Session, frame: bytes) -> None:
         # Replies are not subject to the high-water mark: the loop stops reading a session that
